@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PRESETS', 'ModelConfig', 'model_config', 'MLP', 'Block', 'Transformer']
 
-# %% ../nbs/05_model.ipynb #c8e60926
+# %% ../nbs/05_model.ipynb #77f3c8d3
 import dataclasses, math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .attention import KVCache, MultiHeadAttention, make_attn_mask
 from .config import ConfigError, validate_config
 
-# %% ../nbs/05_model.ipynb #62a2bac6
+# %% ../nbs/05_model.ipynb #08f055f6
 @dataclass
 class ModelConfig:
     "Shape and regularization of a GPT-2 style `Transformer` (the schema of the `model` config group)."
@@ -39,7 +39,7 @@ class ModelConfig:
     @property
     def head_dim(self) -> int: return self.emb_dim // self.n_heads
 
-# %% ../nbs/05_model.ipynb #c5445c78
+# %% ../nbs/05_model.ipynb #b74dfb6e
 def model_config(
     cfg: ModelConfig | dict | DictConfig | None = None,  # a config, or None for the defaults (GPT-2 124M)
     **overrides,  # fields to change, e.g. `n_layers=2`
@@ -56,7 +56,7 @@ def model_config(
         raise ConfigError(f"model.emb_dim={c.emb_dim} must be divisible by model.n_heads={c.n_heads}.")
     return c
 
-# %% ../nbs/05_model.ipynb #7af7773c
+# %% ../nbs/05_model.ipynb #f9609f85
 _GPT2 = dict(vocab_size=50257, context_length=1024)
 PRESETS = {  # name -> `ModelConfig` fields; also `llm_playground/configs/model/<name>.yaml`
     "tiny":       dict(vocab_size=50257, context_length=256, emb_dim=256, n_layers=4, n_heads=4),
@@ -66,7 +66,7 @@ PRESETS = {  # name -> `ModelConfig` fields; also `llm_playground/configs/model/
     "gpt2_1558m": dict(_GPT2, emb_dim=1600, n_layers=48, n_heads=25),
 }
 
-# %% ../nbs/05_model.ipynb #9ed5274c
+# %% ../nbs/05_model.ipynb #dcb17b7b
 class MLP(nn.Module):
     "Position-wise feed-forward network: Linear, GELU (tanh approximation), Linear, dropout."
     def __init__(self,
@@ -106,7 +106,7 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln2(x))
         return (x, w) if return_attn else x
 
-# %% ../nbs/05_model.ipynb #154d7e5d
+# %% ../nbs/05_model.ipynb #65fb5d96
 class Transformer(nn.Module):
     "GPT-2: token and position embeddings, pre-LayerNorm blocks, final LayerNorm, (tied) linear head."
     def __init__(self,
@@ -152,6 +152,7 @@ class Transformer(nn.Module):
         position_ids: Tensor | None = None,  # `[B, T]`; default `past + arange(T)`; negative values are clamped to 0
         kv_cache: KVCache | None = None,  # cache to continue from and fill; its `length` advances by `T`
         return_attn: bool = False,  # also return the attention weights of every layer
+        last_only: bool = False,  # compute the logits of the last position only (`[B, 1, V]`): all generation needs
     ):  # logits `[B, T, vocab_size]`, or `(logits, [weights [B, H, T, past + T] per layer])` when `return_attn`
         "Next-token logits for `input_ids`, continuing from (and filling) `kv_cache` when given."
         if input_ids.ndim != 2: raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
@@ -172,10 +173,11 @@ class Transformer(nn.Module):
             x = block(x, mask, kv_cache, i, return_attn)
             if return_attn: x, w = x; weights.append(w)
         if kv_cache is not None: kv_cache.advance(T)
+        if last_only: x = x[:, -1:]  # the head is the biggest matmul of a small model: skip it where unused
         logits = self.head(self.ln_f(x))
         return (logits, weights) if return_attn else logits
 
-# %% ../nbs/05_model.ipynb #8d976568
+# %% ../nbs/05_model.ipynb #6e77ad01
 @patch(cls_method=True)
 def from_preset(cls: Transformer,
     name: str,  # a key of `PRESETS`: tiny, gpt2_124m, gpt2_355m, gpt2_774m, gpt2_1558m
@@ -185,7 +187,7 @@ def from_preset(cls: Transformer,
     if name not in PRESETS: raise ConfigError(f"Unknown model preset '{name}'. Presets: {', '.join(PRESETS)}.")
     return cls(PRESETS[name], **overrides)
 
-# %% ../nbs/05_model.ipynb #bc8af8e7
+# %% ../nbs/05_model.ipynb #eaf22873
 @patch
 def num_params(self: Transformer,
     embeddings: bool = True,  # include the token and position embedding tables
@@ -194,7 +196,7 @@ def num_params(self: Transformer,
     n = sum(p.numel() for p in self.parameters())
     return n if embeddings else n - self.tok_emb.weight.numel() - self.pos_emb.weight.numel()
 
-# %% ../nbs/05_model.ipynb #de118df6
+# %% ../nbs/05_model.ipynb #c9343b7f
 @patch
 def flops_per_token(self: Transformer,
     seq_len: int | None = None,  # sequence length `T` (default: `context_length`)
@@ -206,7 +208,7 @@ def flops_per_token(self: Transformer,
     f = 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * T
     return f if training else f // 3
 
-# %% ../nbs/05_model.ipynb #f4520a82
+# %% ../nbs/05_model.ipynb #a60efbbb
 def _shape(m: nn.Module) -> str:
     "Short description of a layer's shape."
     if isinstance(m, nn.Embedding): return f"{m.num_embeddings} x {m.embedding_dim}"
@@ -216,7 +218,7 @@ def _shape(m: nn.Module) -> str:
 
 def _count(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
 
-# %% ../nbs/05_model.ipynb #e21e2cca
+# %% ../nbs/05_model.ipynb #efc38c7a
 @patch
 def summary(self: Transformer) -> str:  # a table, ready to `print`
     "A table of the model's parts with their shapes and parameter counts."
@@ -234,7 +236,7 @@ def summary(self: Transformer) -> str:  # a table, ready to `print`
     foot = f"total {self.num_params():,} parameters ({self.num_params(embeddings=False):,} without embeddings)"
     return "\n".join([head, fmt(("part", "type", "shape", "params")), "-" * (sum(w) + 6), *map(fmt, rows), foot])
 
-# %% ../nbs/05_model.ipynb #f721a83f
+# %% ../nbs/05_model.ipynb #f1365e03
 _HF_RENAMES = [("blocks.", "h."), (".ln1.", ".ln_1."), (".ln2.", ".ln_2."), (".attn.qkv.", ".attn.c_attn."),
                (".attn.proj.", ".attn.c_proj."), (".mlp.fc.", ".mlp.c_fc."), (".mlp.proj.", ".mlp.c_proj."),
                ("tok_emb.", "wte."), ("pos_emb.", "wpe.")]
@@ -261,7 +263,7 @@ def _strip_hf(sd: dict) -> dict:
     "Drop the `transformer.` prefix and the mask buffers."
     return {k.removeprefix("transformer."): v for k, v in sd.items() if not k.endswith(_HF_IGNORED)}
 
-# %% ../nbs/05_model.ipynb #d8e88f7b
+# %% ../nbs/05_model.ipynb #d1978ce4
 @patch
 def to_hf_state_dict(self: Transformer) -> dict:  # `GPT2LMHeadModel` keys -> tensors (`lm_head.weight` is `wte` when tied)
     "Our weights in Hugging Face `GPT2LMHeadModel` layout, `Conv1D` weights transposed."
@@ -294,7 +296,7 @@ def load_hf_state_dict(self: Transformer,
         for k, n in want.items(): ours[n].copy_(sd[k].t() if _hf_transposed(k) else sd[k])
     return self
 
-# %% ../nbs/05_model.ipynb #a83be18d
+# %% ../nbs/05_model.ipynb #6e253122
 @patch(cls_method=True)
 def from_hf(cls: Transformer,
     src,  # a `GPT2LMHeadModel` state dict, or the path of a `.safetensors` file holding one
