@@ -1,0 +1,88 @@
+"""The command-line tools as a user runs them: lp_pretrain (train a few steps), lp_sample (sample from the result),
+config validation before any work, and the Python one-call loader."""
+import os, shutil, string, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+from llm_playground.cli import load_model, validate_pretrain_config
+from llm_playground.config import ConfigError, compose_config
+
+
+def cmd(name):
+    "The console script if installed, else the same entry point through `python -m llm_playground.cli`."
+    exe = shutil.which(f"lp_{name}")
+    return [exe] if exe else [sys.executable, "-m", "llm_playground.cli", name]
+
+
+def run(*args, cwd=None):
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    "A run of the seed's example command on a small real text, a few steps."
+    from pydoc_data.topics import topics
+    d = tmp_path_factory.mktemp("cli")
+    text = "".join(c for c in "\n\n".join(topics[k] for k in ("if", "while", "for", "try")) if c in string.printable)
+    (d/"train.txt").write_text(text)
+    r = run(*cmd("pretrain"), "experiment=smoke", "trainer.experiment_name=my_experiment", "trainer.num_epochs=5",
+            "optimiser.lr=3e-4", "optimiser=adamw_large_batch", f"dataset.train={d/'train.txt'}", f"trainer.output_dir={d/'models'}",
+            "trainer.max_steps=6", "trainer.device=cpu", cwd=d)
+    assert r.returncode == 0, r.stderr
+    runs = list((d/"models"/"my_experiment").glob("*_seed_42"))
+    assert len(runs) == 1
+    return runs[0], r
+
+
+def test_pretrain_writes_a_run_directory(trained):
+    run_dir, r = trained
+    assert "Run directory" in r.stdout and "Done: step 6" in r.stdout
+    for f in ("config.yaml", "metrics.jsonl", "loss.png", "samples.jsonl", "checkpoints/step_00000006/model.safetensors",
+              "checkpoints/step_00000006/checkpoint.json"):
+        assert (run_dir/f).exists(), f
+    cfg = (run_dir/"config.yaml").read_text()
+    assert "lr: 0.0003" in cfg and "num_epochs: 5" in cfg   # the command-line values win over the group's
+
+
+def test_sample_from_the_run(trained):
+    run_dir, _ = trained
+    r = run(*cmd("sample"), f"checkpoint={run_dir}", "prompt=The", "max_new_tokens=12", "temperature=0", "device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The") and len(r.stdout.strip()) == 3 + 12
+    r2 = run(*cmd("sample"), f"checkpoint={run_dir}/checkpoints/step_00000006", "prompts=[The,In]", "max_new_tokens=12",
+             "temperature=0", "stream=false", "device=cpu")
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout.splitlines()[0] == r.stdout.splitlines()[0]  # streamed or not, same greedy text
+    assert len(r2.stdout.splitlines()) == 2
+
+
+def test_load_model_in_one_call(trained):
+    run_dir, _ = trained
+    model, tok, cfg = load_model(run_dir, device="cpu")
+    assert (model.cfg.n_layers, tok.vocab_size, cfg.trainer.experiment_name) == (2, 101, "my_experiment")
+    assert not model.training
+
+
+def test_typos_fail_before_any_work(tmp_path):
+    r = run(*cmd("pretrain"), "trainer.num_epochz=3", f"trainer.output_dir={tmp_path}")
+    assert r.returncode != 0 and "num_epochz" in r.stderr
+    r = run(*cmd("pretrain"), "+trainer.num_epochz=3", f"trainer.output_dir={tmp_path}")
+    assert r.returncode == 1 and "Did you mean: num_epochs" in r.stderr and "Traceback" not in r.stderr
+    r = run(*cmd("pretrain"), "optimiser.lr=fast", f"trainer.output_dir={tmp_path}")
+    assert r.returncode != 0 and "optimiser.lr" in r.stderr
+    r = run(*cmd("sample"), "device=cpu")
+    assert r.returncode == 1 and "checkpoint=" in r.stderr
+    r = run(*cmd("sample"), f"checkpoint={tmp_path}/nothing")
+    assert r.returncode == 1 and "No checkpoint found" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_group_swaps_and_presets():
+    c = validate_pretrain_config(compose_config("pretrain", ["optimiser=adamw_large_batch", "trainer/sampling=creative"]))
+    assert (c.optimiser.lr, c.trainer.sampling.top_k) == (1.5e-3, 50)
+    v = validate_pretrain_config(compose_config("pretrain", ["experiment=pretrain_verdict"]))
+    assert (v.model.emb_dim, v.model.n_layers, v.model.context_length, v.optimiser.lr, v.optimiser.weight_decay) == (768, 12, 256, 4e-4, 0.1)
+    assert (v.trainer.num_epochs, v.dataset.batch_size, v.dataset.stride, v.dataset.max_length) == (10, 2, 256, 256)
+    with pytest.raises(ConfigError, match="model.n_heads"):
+        validate_pretrain_config(compose_config("pretrain", ["model.n_heads=7"]))

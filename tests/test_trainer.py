@@ -1,0 +1,122 @@
+"""Trainer behaviour the notebook does not pin down: bf16 autocast training on real text, gradient accumulation
+equivalence, the schedule's length, the non-finite-loss stop, and precision checks."""
+import math, string
+
+import numpy as np
+import pytest
+import torch
+
+from llm_playground.config import ConfigError, seed_everything
+from llm_playground.dataloader import NextTokenPredictionDataset, create_dataloader
+from llm_playground.tokenizer import CharTokenizer
+from llm_playground.trainer import (Callback, NonFiniteLossError, Trainer, list_checkpoints, lm_loss, param_groups,
+                                    verify_checkpoint)
+from llm_playground.transformer import Transformer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "Tiny models train fastest on one thread (and are not slowed by thread contention on a shared machine)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    "A small real-text fixture written to a temp dir (Python's documentation prose, printable ASCII)."
+    from pydoc_data.topics import topics
+    t = "".join(c for c in "\n\n".join(topics[k] for k in ("assignment", "exceptions", "if", "while", "for", "try", "class"))
+                if c in string.printable)
+    p = tmp_path_factory.mktemp("text")/"corpus.txt"
+    p.write_text(t)
+    return p
+
+
+def loaders(path, batch_size=8, max_length=32):
+    tok = CharTokenizer()
+    ids = np.array(tok.encode(path.read_text()))
+    n = len(ids) // 10
+    tr = create_dataloader(NextTokenPredictionDataset(ids[:-n], max_length=max_length), batch_size=batch_size, seed=0, pin_memory=False)
+    va = create_dataloader(NextTokenPredictionDataset(ids[-n:], max_length=max_length), batch_size=batch_size, shuffle=False,
+                           drop_last=False, pin_memory=False)
+    return tok, tr, va
+
+
+def model(tok, seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(vocab_size=tok.vocab_size, context_length=32, emb_dim=64, n_layers=2, n_heads=4, **kw)
+
+
+def test_bf16_autocast_training_reduces_the_loss(text):
+    tok, tr, va = loaders(text)
+    seed_everything(0)
+    t = Trainer(model(tok), tr, va, cfg=dict(device="cpu", precision="bf16", max_steps=150, progress=False, eval_steps=0,
+                                             eval_max_batches=8),
+                opt_cfg=dict(lr=3e-3, warmup_steps=10), default_cbs=False)
+    before = t.evaluate()["val_loss"]
+    t.fit()
+    after = t.evaluate()["val_loss"]
+    assert t.precision == "bf16" and math.isfinite(after)
+    assert before > 4.0 and after < before - 1.3, (before, after)  # from ~ln(101) to well below the unigram entropy
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # autocast keeps fp32 master weights
+
+
+def test_gradient_accumulation_matches_a_big_batch(text):
+    "2 micro-batches of 4 give the same update as one batch of 8 (no dropout, fp32, SGD)."
+    tok = CharTokenizer()
+    ids = np.array(tok.encode(text.read_text()))[:4000]
+    ds = NextTokenPredictionDataset(ids, max_length=32)
+    big = create_dataloader(ds, batch_size=8, seed=1, pin_memory=False)
+    small = create_dataloader(ds, batch_size=4, seed=1, pin_memory=False)
+    cfg = dict(device="cpu", precision="fp32", max_steps=5, max_grad_norm=0.0)
+    opt = dict(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant")
+    a = Trainer(model(tok), big, cfg=cfg, opt_cfg=opt, default_cbs=False).fit()
+    b = Trainer(model(tok), small, cfg=dict(cfg, grad_accum_steps=2), opt_cfg=opt, default_cbs=False).fit()
+    assert a.tokens_seen == b.tokens_seen == 5 * 8 * 32
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_total_steps_from_epochs_batches_and_accumulation(text):
+    tok, tr, va = loaders(text)
+    t = Trainer(model(tok), tr, cfg=dict(device="cpu", num_epochs=3, grad_accum_steps=4), opt_cfg=dict(warmup_ratio=0.1), default_cbs=False)
+    assert t.total_steps == 3 * math.ceil(len(tr) / 4)
+    assert t.sched.lr_lambdas[0].warmup_steps == round(0.1 * t.total_steps)
+    t2 = Trainer(model(tok), tr, cfg=dict(device="cpu", num_epochs=3, max_steps=7), default_cbs=False)
+    assert t2.total_steps == 7
+
+
+def test_param_groups_with_tied_weights():
+    tok = CharTokenizer()
+    m = model(tok, tie_weights=True)
+    decay, no_decay = param_groups(m, 0.1)
+    assert "head.weight" not in decay["names"] + no_decay["names"] or "head.weight" in no_decay["names"]
+    assert "tok_emb.weight" in no_decay["names"] and "pos_emb.weight" in no_decay["names"]
+    assert all(n.endswith("weight") and "ln" not in n for n in decay["names"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(p.numel() for p in m.parameters())
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text, tmp_path):
+    tok, tr, va = loaders(text)
+    calls = {"n": 0}
+    def loss(logits, y):
+        calls["n"] += 1
+        return lm_loss(logits, y) * (float("inf") if calls["n"] > 9 else 1.0)
+    t = Trainer(model(tok), tr, cfg=dict(device="cpu", max_steps=20, save_steps=3, progress=False), run_dir=tmp_path, loss_func=loss)
+    with pytest.raises(NonFiniteLossError, match="loss is inf at step 10"):
+        t.fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006", "step_00000009"]
+    verify_checkpoint(list_checkpoints(tmp_path)[-1])
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_precision_and_device_checks(text):
+    tok, tr, va = loaders(text)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+            Trainer(model(tok), tr, cfg=dict(device="cpu", precision="fp16"))
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            Trainer(model(tok), tr, cfg=dict(device="cuda"))
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        Trainer(model(tok), tr, cfg=dict(device="cpu", precision="int8"))
