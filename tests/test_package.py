@@ -35,8 +35,11 @@ def run_installed(code, site, cwd, **env):
 def test_wheel_ships_yaml_configs(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "llm_playground/configs/__init__.py" in names
-    for f in ["preprocess.yaml", "tokenizer/gpt2.yaml", "tokenizer/char.yaml", "preprocessing/default.yaml"]:
-        assert f"llm_playground/configs/{f}" in names, f
+    src = TOP/"llm_playground"/"configs"
+    yamls = sorted(p.relative_to(TOP).as_posix() for p in src.rglob("*.yaml"))
+    assert "llm_playground/configs/preprocess.yaml" in yamls and "llm_playground/configs/tokenizer/gpt2.yaml" in yamls
+    missing = [y for y in yamls if y not in names]
+    assert not missing, f"YAML configs left out of the wheel: {missing}"
 
 
 PROBE = """
