@@ -6,7 +6,7 @@
 __all__ = ['ROOT_ENV', 'CONFIG_MODULE', 'project_root', 'resolve_root', 'register_resolvers', 'config_dir', 'compose_config',
            'ConfigError', 'validate_config', 'hydra_main', 'seed_everything', 'get_device']
 
-# %% ../nbs/00_config.ipynb #ba250c49
+# %% ../nbs/00_config.ipynb #2d7e058d
 import dataclasses, difflib, os, random
 from configparser import ConfigParser
 from importlib import resources
@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-# %% ../nbs/00_config.ipynb #0606f410
+# %% ../nbs/00_config.ipynb #18850cbe
 ROOT_ENV = "LLM_PLAYGROUND_ROOT"
 
 def _is_clone_root(d: Path) -> bool:
@@ -40,7 +39,7 @@ def project_root(
         if _is_clone_root(d): return d
     return start
 
-# %% ../nbs/00_config.ipynb #f6c76a60
+# %% ../nbs/00_config.ipynb #b3e3e52d
 def resolve_root(
     path: str | Path = "",  # a path relative to the project root (absolute paths pass through)
 ) -> str:  # the absolute path, as a string (configs hold strings)
@@ -52,7 +51,7 @@ def register_resolvers():
     "Register LLM Playground's OmegaConf resolvers (`root`); safe to call more than once."
     OmegaConf.register_new_resolver("root", resolve_root, replace=True)
 
-# %% ../nbs/00_config.ipynb #f59febd5
+# %% ../nbs/00_config.ipynb #e04d862e
 CONFIG_MODULE = "llm_playground.configs"
 
 def config_dir() -> Path:
@@ -73,7 +72,7 @@ def compose_config(
         cfg = compose(config_name=config_name, overrides=list(overrides))
     return validate_config(cfg, schema) if schema is not None else cfg
 
-# %% ../nbs/00_config.ipynb #82416ad7
+# %% ../nbs/00_config.ipynb #afb943dc
 class ConfigError(ValueError):
     "A configuration value or key is invalid; the message says which and how to fix it."
 
@@ -103,7 +102,7 @@ def validate_config(
     OmegaConf.set_struct(merged, True)
     return merged
 
-# %% ../nbs/00_config.ipynb #6a7f5be2
+# %% ../nbs/00_config.ipynb #0e833c0b
 def hydra_main(
     config_name: str,  # primary config of the command (a YAML file in `llm_playground/configs/`)
 ):
@@ -112,22 +111,24 @@ def hydra_main(
     register_resolvers()
     return hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")
 
-# %% ../nbs/00_config.ipynb #a7023cd8
+# %% ../nbs/00_config.ipynb #784067d0
 def seed_everything(
     seed: int,  # the seed for python, numpy and torch (all devices)
 ) -> int:
     "Seed Python, NumPy and PyTorch (CPU and CUDA) random number generators."
+    import torch
     seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
     return seed
 
-# %% ../nbs/00_config.ipynb #43dfb34a
+# %% ../nbs/00_config.ipynb #1c2fcf4f
 def get_device(
     name: str = "auto",  # `auto`, `cpu`, `cuda`, `cuda:N` or `mps`
-) -> torch.device:
+) -> "torch.device":
     "The `torch.device` to run on: `auto` picks cuda, then mps, then cpu."
+    import torch
     name = str(name).strip().lower()
     mps = getattr(torch.backends, "mps", None)
     has_mps = bool(mps and mps.is_available())

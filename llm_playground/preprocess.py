@@ -6,11 +6,11 @@
 __all__ = ['DOC_BOUNDARIES', 'MANIFEST', 'SPLITS', 'FORMAT_VERSION', 'PreprocessError', 'read_shard', 'split_documents',
            'split_validation', 'token_dtype', 'encode_documents', 'atomic_write', 'load_manifest', 'memmap_tokens',
            'find_shards', 'preprocess', 'PreprocessingConfig', 'PreprocessConfig', 'preprocess_from_config', 'main',
-           'python_docs_topics', 'write_python_docs', 'download_text', 'CorpusConfig', 'CorpusMainConfig',
+           'reflow', 'python_docs_topics', 'write_python_docs', 'download_text', 'CorpusConfig', 'CorpusMainConfig',
            'make_corpus', 'corpus_from_config', 'corpus_main']
 
-# %% ../nbs/02_preprocess.ipynb #c0bb8764
-import collections, hashlib, itertools, json, os, re, sys, zlib
+# %% ../nbs/02_preprocess.ipynb #b2afcd73
+import collections, hashlib, itertools, json, os, re, sys, textwrap, zlib
 import urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,11 +24,11 @@ from tqdm import tqdm
 from .config import ConfigError, hydra_main, validate_config
 from .tokenizer import ENDOFTEXT, CharTokenizer, GPT2Tokenizer, Tokenizer
 
-# %% ../nbs/02_preprocess.ipynb #6bef94ab
+# %% ../nbs/02_preprocess.ipynb #19e5b60a
 class PreprocessError(Exception):
     "The input of preprocessing (or a corpus download) is unusable; the message names the file and the fix."
 
-# %% ../nbs/02_preprocess.ipynb #78aa0b23
+# %% ../nbs/02_preprocess.ipynb #4e41e3eb
 def read_shard(
     path: str | Path,  # a text file
     errors: str = "strict",  # `strict`: invalid UTF-8 is an error; `replace`: invalid bytes become U+FFFD
@@ -49,7 +49,7 @@ def _decode(data: bytes, path, errors: str, warn) -> str:
         if warn: warn(f"warning: {where}; invalid bytes replaced with U+FFFD.")
     return text.removeprefix("\ufeff")
 
-# %% ../nbs/02_preprocess.ipynb #bbfc75c5
+# %% ../nbs/02_preprocess.ipynb #95585f98
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 DOC_BOUNDARIES = ("eot", "blank_line")
 
@@ -71,7 +71,7 @@ def split_documents(
     if boundary == "blank_line": parts = [p for part in parts for p in _PARAGRAPH_BREAK.split(part)]
     return [d for d in map(_trim, parts) if d]
 
-# %% ../nbs/02_preprocess.ipynb #90e4c2bd
+# %% ../nbs/02_preprocess.ipynb #70cbbd9b
 _LINE_BREAK = re.compile(r"\n")
 
 _NON_SPACE = re.compile(r"\S")
@@ -114,7 +114,7 @@ def split_validation(
     raise PreprocessError(f"too small for a validation split: it needs at least two lines of text (it has {n} characters). "
                           "Add text, merge it with another shard, or remove it.")
 
-# %% ../nbs/02_preprocess.ipynb #b8aa1237
+# %% ../nbs/02_preprocess.ipynb #71109965
 def token_dtype(
     vocab_size: int,  # number of distinct token ids
 ) -> np.dtype:  # `uint16` if every id fits in 16 bits, else `uint32`
@@ -193,7 +193,7 @@ def encode_documents(
     pool, threads = _encoders(num_threads)
     with pool: return _start_encoding(pool, [docs], tokenizer, batch_chars, threads, on_batch)()[0]
 
-# %% ../nbs/02_preprocess.ipynb #915ea0ef
+# %% ../nbs/02_preprocess.ipynb #29dfbdf5
 def _tmp_path(path: Path) -> Path: return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 _TMP_RE = re.compile(r"^\..+\.\d+\.tmp$")
 
@@ -213,7 +213,7 @@ def atomic_write(
         tmp.unlink(missing_ok=True); raise
     return path
 
-# %% ../nbs/02_preprocess.ipynb #d9e7f9a9
+# %% ../nbs/02_preprocess.ipynb #deea4127
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 FORMAT_VERSION = 1
@@ -236,7 +236,7 @@ def memmap_tokens(
     dtype = (manifest or load_manifest(out_dir))["dtype"]
     return np.memmap(Path(out_dir)/split/f"{shard}.bin", dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
 
-# %% ../nbs/02_preprocess.ipynb #98f0cb3c
+# %% ../nbs/02_preprocess.ipynb #5c0806bd
 _PREPARED_BUDGET = 2**27  # characters of validated shard text kept in memory between the check and the work
 
 def _settings(tok: Tokenizer, val_ratio, seed, doc_boundary, errors) -> dict:
@@ -336,7 +336,7 @@ def _clean_tmp(out: Path):
             for p in d.iterdir():
                 if _TMP_RE.match(p.name): p.unlink(missing_ok=True)
 
-# %% ../nbs/02_preprocess.ipynb #f9eff65b
+# %% ../nbs/02_preprocess.ipynb #59b9a39d
 def _old_manifest(out: Path, say: Callable) -> dict | None:
     "The manifest of a previous run in `out`, if there is a usable one."
     if not (out/MANIFEST).exists(): return None
@@ -387,7 +387,7 @@ class _Pipeline:
         "Stop: drop queued encodings, let a started write finish."
         self.encoders.shutdown(cancel_futures=True); self.writer.shutdown()
 
-# %% ../nbs/02_preprocess.ipynb #8019f518
+# %% ../nbs/02_preprocess.ipynb #a7911e56
 def preprocess(
     input_dir: str | Path,  # folder of raw `.txt` shards
     out_dir: str | Path,  # where `train/`, `validation/` and `manifest.json` are written
@@ -454,7 +454,7 @@ def preprocess(
         f"{t['tokens']['train']:,} train + {t['tokens']['validation']:,} validation tokens ({dtype.name}) in {out}")
     return manifest
 
-# %% ../nbs/02_preprocess.ipynb #e3c02784
+# %% ../nbs/02_preprocess.ipynb #fd9f5dbc
 @dataclass
 class PreprocessingConfig:
     "Schema of the `preprocessing` config group (the options of `preprocess`)."
@@ -503,7 +503,26 @@ def main(cfg: DictConfig):
     "Command line `lp_preprocess`: tokenize `input_dir` into `out_dir` (Hydra overrides as arguments)."
     _run_cli("lp_preprocess", preprocess_from_config, cfg)
 
-# %% ../nbs/02_preprocess.ipynb #6080767d
+# %% ../nbs/02_preprocess.ipynb #2359a2a9
+def _is_prose(lines: list[str]) -> bool:
+    "Does a paragraph look like wrapped prose: no prompt, even continuation indentation, every line but the last long?"
+    if len(lines) < 2 or lines[0].lstrip().startswith((">>>", "...", "$ ")): return False
+    first, rest = len(lines[0]) - len(lines[0].lstrip()), {len(l) - len(l.lstrip()) for l in lines[1:]}
+    return len(rest) == 1 and 0 <= rest.pop() - first <= 3 and all(len(l.strip()) >= 30 for l in lines[:-1])
+
+def reflow(
+    text: str,  # text with hard-wrapped, indented paragraphs separated by blank lines
+) -> str:  # prose paragraphs on one line each, code blocks dedented
+    "Join each wrapped prose paragraph of `text` into one unindented line; dedent code blocks."
+    out = []
+    for para in re.split(r"\n[ \t]*\n", text.strip("\n")):
+        lines = [l.rstrip() for l in para.split("\n") if l.strip()]
+        if not lines: continue
+        if _is_prose(lines): out.append(re.sub(r"(?<=\S)  +", " ", " ".join(l.strip() for l in lines)))
+        else: out.append(textwrap.dedent("\n".join(lines)))
+    return "\n\n".join(out)
+
+# %% ../nbs/02_preprocess.ipynb #64ab5a2c
 def python_docs_topics() -> dict[str, str]:
     "Python's built-in documentation topics (`pydoc_data.topics`): topic name → text, sorted by name."
     from pydoc_data.topics import topics
@@ -515,8 +534,8 @@ def write_python_docs(
     name: str = "python_docs",  # file names are `{name}_00.txt`, `{name}_01.txt`, ...
     verbose: bool = True,  # print what was written
 ) -> list[Path]:  # the shards
-    "Write the Python documentation topics as `num_shards` text files, topics separated by `<|endoftext|>`."
-    docs = [t.strip() for t in python_docs_topics().values() if t.strip()]
+    "Write the Python documentation topics (reflowed) as `num_shards` text files, topics separated by `<|endoftext|>`."
+    docs = [reflow(t) for t in python_docs_topics().values() if t.strip()]
     if not 1 <= num_shards <= len(docs): raise ConfigError(f"corpus.num_shards must be between 1 and {len(docs)}, got {num_shards}.")
     out = Path(out_dir).expanduser(); out.mkdir(parents=True, exist_ok=True)
     cum = np.cumsum([len(d) for d in docs])
@@ -534,7 +553,7 @@ def write_python_docs(
             if verbose: print(f"{p}: removed (not part of the corpus any more)")
     return paths
 
-# %% ../nbs/02_preprocess.ipynb #978004ce
+# %% ../nbs/02_preprocess.ipynb #66bbeacf
 def download_text(
     url: str,  # where to download from (`https://`, `http://` or `file://`)
     sha256: str,  # the expected sha256 of the file, in hex
@@ -564,7 +583,7 @@ def download_text(
     if verbose: print(f"{dest}: downloaded {n:,} bytes from {url} (sha256 ok)")
     return dest
 
-# %% ../nbs/02_preprocess.ipynb #b56c66a5
+# %% ../nbs/02_preprocess.ipynb #7983c73b
 @dataclass
 class CorpusConfig:
     "Schema of a `corpus` config: a built-in source or a pinned download."

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from llm_playground.config import compose_config
-from llm_playground.preprocess import python_docs_topics, split_documents
+from llm_playground.preprocess import python_docs_topics, reflow, split_documents
 
 
 def cli(prog: str, *args: str) -> subprocess.CompletedProcess:
@@ -54,7 +54,8 @@ def test_python_docs_corpus(runs):
     files = sorted((tmp/"docs").iterdir())
     assert [p.name for p in files] == [f"python_docs_{i:02d}.txt" for i in range(4)]
     docs = [d for p in files for d in split_documents(p.read_text(encoding="utf-8"))]
-    assert docs == [t.strip() for t in python_docs_topics().values() if t.strip()]
+    assert docs == [reflow(t) for t in python_docs_topics().values() if t.strip()]
+    assert [d.split() for d in docs] == [t.split() for t in python_docs_topics().values() if t.strip()]  # same words
     assert sum(p.stat().st_size for p in files) > 300_000           # a real corpus, not a stub
 
 
