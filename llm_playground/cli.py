@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['PretrainConfig', 'validate_pretrain_config', 'build_tokenizer', 'check_compatible', 'config_diff', 'resume_config',
-           'pretrain', 'pretrain_main', 'load_model', 'SampleConfig', 'sample', 'sample_main', 'main']
+           'pretrain', 'pretrain_main', 'latest_run', 'load_model', 'SampleConfig', 'sample', 'sample_main', 'main']
 
-# %% ../nbs/08_cli.ipynb #cb2b2580
+# %% ../nbs/08_cli.ipynb #6cc0384a
 import json, sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, compose_config, get_device, hydra_main, seed_everything, validate_config
+from .config import ConfigError, compose_config, get_device, hydra_main, resolve_root, seed_everything, validate_config
 from .dataloader import DatasetConfig, dataloaders_from_config
 from .inference_utils import generate_text
 from .tokenizer import Tokenizer
@@ -24,7 +24,7 @@ from .trainer import (CheckpointError, NonFiniteLossError, OptimiserConfig, Trai
                                     find_checkpoint, load_weights, make_run_dir)
 from .transformer import ModelConfig, Transformer, model_config
 
-# %% ../nbs/08_cli.ipynb #7c280497
+# %% ../nbs/08_cli.ipynb #558df3d5
 @dataclass
 class PretrainConfig:
     "Schema of `pretrain.yaml` (the tokenizer section is any `_target_` that builds a `Tokenizer`)."
@@ -50,7 +50,7 @@ def validate_pretrain_config(
     out["resume"] = cfg.get("resume")
     return OmegaConf.create(out)
 
-# %% ../nbs/08_cli.ipynb #f459846c
+# %% ../nbs/08_cli.ipynb #b7bd798e
 def build_tokenizer(
     cfg: DictConfig | dict,  # a `tokenizer` section (`_target_` and arguments)
 ) -> Tokenizer:
@@ -79,7 +79,7 @@ def check_compatible(
         raise ConfigError(f"The data in {cfg.dataset.train} was tokenized with {man.get('tokenizer')} (vocab {man.get('vocab_size')}), "
                           f"but the tokenizer is {tokenizer.name} (vocab {V}): use the same tokenizer, or run lp_preprocess again.")
 
-# %% ../nbs/08_cli.ipynb #e908049d
+# %% ../nbs/08_cli.ipynb #c2cb7d9f
 def config_diff(
     a: DictConfig | dict,  # one config (section)
     b: DictConfig | dict,  # another
@@ -118,7 +118,7 @@ def resume_config(
     if diffs: raise ConfigError(f"Cannot resume {ckpt} with a different model or tokenizer:\n  " + "\n  ".join(diffs))
     return validate_pretrain_config(new), ckpt
 
-# %% ../nbs/08_cli.ipynb #4d9da588
+# %% ../nbs/08_cli.ipynb #8bdb9f8e
 def pretrain(
     cfg: DictConfig,  # a composed `pretrain` config (e.g. from `compose_config("pretrain", overrides)`)
     overrides: Sequence[str] = (),  # the overrides it was composed with (used when resuming)
@@ -143,9 +143,11 @@ def pretrain(
     trainer.fit()
     ev = getattr(trainer, "last_eval", None)
     print(f"Done: step {trainer.step}" + (f", validation loss {ev['val_loss']:.4f}" if ev else "") + f". Run directory: {run_dir}")
+    if (run_dir/"loss.png").exists(): print(f"Loss plot: {run_dir/'loss.png'}")
+    print(f"Sample from it: lp_sample checkpoint={run_dir} prompt=\"...\"   (or checkpoint=latest)")
     return trainer
 
-# %% ../nbs/08_cli.ipynb #5c68eee7
+# %% ../nbs/08_cli.ipynb #2616db00
 _USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError)
 
 def _run_cli(f, cfg):
@@ -160,26 +162,36 @@ def pretrain_main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     _run_cli(lambda c: pretrain(c, list(HydraConfig.get().overrides.task)), cfg)
 
-# %% ../nbs/08_cli.ipynb #f6a67341
+# %% ../nbs/08_cli.ipynb #7ef58ebb
+def latest_run(
+    models_dir: str | Path | None = None,  # where runs are saved (default `${root:models}`)
+) -> Path:  # the run directory holding the most recently written checkpoint
+    "The run directory (`<models_dir>/<experiment>/<run>`) whose latest checkpoint was written last."
+    d = Path(models_dir) if models_dir is not None else Path(resolve_root("models"))
+    ckpts = [c for c in d.glob("*/*/checkpoints/step_*") if (c/"checkpoint.json").is_file()]
+    if not ckpts: raise CheckpointError(f"No trained run under {d}: train one with lp_pretrain, or name one with checkpoint=<run directory>.")
+    return max(ckpts, key=lambda c: (c/"checkpoint.json").stat().st_mtime).parent.parent
+
+# %% ../nbs/08_cli.ipynb #3a7304fc
 def load_model(
-    path: str | Path,  # a run directory (its latest checkpoint) or a checkpoint folder
+    path: str | Path,  # a run directory (its latest checkpoint), a checkpoint folder, or `"latest"` (see `latest_run`)
     device: str = "auto",  # auto, cpu, cuda, cuda:N or mps
 ) -> tuple[Transformer, Tokenizer, DictConfig]:  # the model (in eval mode), its tokenizer, the run's config
     "Load a trained model, its tokenizer and its config from a run directory or checkpoint."
-    ckpt = find_checkpoint(path)
+    ckpt = find_checkpoint(latest_run() if str(path) == "latest" else path)
     f = next((p for p in (ckpt/"config.yaml", ckpt.parent.parent/"config.yaml") if p.is_file()), None)
     if f is None: raise CheckpointError(f"No config.yaml in {ckpt} or its run directory.")
     cfg = OmegaConf.load(f)
     model = load_weights(Transformer(cfg.model), ckpt).to(get_device(device)).eval()
     return model, build_tokenizer(cfg.tokenizer), cfg
 
-# %% ../nbs/08_cli.ipynb #bd3cce77
+# %% ../nbs/08_cli.ipynb #bbf67f96
 @dataclass
 class SampleConfig:
     "Schema of `sample.yaml`: which model, which prompts, how to sample."
-    checkpoint: Optional[str] = None  # a run directory or a checkpoint folder (required)
+    checkpoint: Optional[str] = "latest"  # a run directory, a checkpoint folder, or `latest` (the newest run under ${root:models})
     prompt: Optional[str] = None  # one prompt (shortcut for `prompts`)
-    prompts: List[str] = field(default_factory=lambda: ["The "])  # prompts to continue
+    prompts: List[str] = field(default_factory=lambda: ["The", "In Python,"])  # prompts to continue
     max_new_tokens: int = 100  # tokens generated per prompt
     temperature: float = 0.8  # 0: greedy
     top_k: Optional[int] = None  # sample among the k most likely tokens
@@ -232,7 +244,7 @@ def sample_main(cfg: DictConfig):
     "Console script `lp_sample`: generate text from a trained model."
     _run_cli(sample, cfg)
 
-# %% ../nbs/08_cli.ipynb #fcc6d8d3
+# %% ../nbs/08_cli.ipynb #ff000cdc
 _COMMANDS = dict(pretrain=pretrain_main, sample=sample_main)
 
 def main(argv: Sequence[str] | None = None):
@@ -243,6 +255,6 @@ def main(argv: Sequence[str] | None = None):
     sys.argv = [f"lp_{argv[1]}", *argv[2:]]
     _COMMANDS[argv[1]]()
 
-# %% ../nbs/08_cli.ipynb #d5230744
+# %% ../nbs/08_cli.ipynb #86fb345f
 #| eval: false
 if __name__ == "__main__": main()

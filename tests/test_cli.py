@@ -15,8 +15,8 @@ def cmd(name):
     return [exe] if exe else [sys.executable, "-m", "llm_playground.cli", name]
 
 
-def run(*args, cwd=None):
-    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+def run(*args, cwd=None, **env):
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1", **env))
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,14 @@ def test_load_model_in_one_call(trained):
     assert not model.training
 
 
+def test_sample_latest_run(trained):
+    run_dir, _ = trained
+    r = run(*cmd("sample"), "prompt=The", "max_new_tokens=5", "temperature=0", "device=cpu", "stream=false",
+            LLM_PLAYGROUND_ROOT=str(run_dir.parent.parent.parent))  # the root whose models/ holds the run
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The")
+
+
 def test_typos_fail_before_any_work(tmp_path):
     r = run(*cmd("pretrain"), "trainer.num_epochz=3", f"trainer.output_dir={tmp_path}")
     assert r.returncode != 0 and "num_epochz" in r.stderr
@@ -71,8 +79,8 @@ def test_typos_fail_before_any_work(tmp_path):
     assert r.returncode == 1 and "Did you mean: num_epochs" in r.stderr and "Traceback" not in r.stderr
     r = run(*cmd("pretrain"), "optimiser.lr=fast", f"trainer.output_dir={tmp_path}")
     assert r.returncode != 0 and "optimiser.lr" in r.stderr
-    r = run(*cmd("sample"), "device=cpu")
-    assert r.returncode == 1 and "checkpoint=" in r.stderr
+    r = run(*cmd("sample"), "device=cpu", LLM_PLAYGROUND_ROOT=str(tmp_path))  # checkpoint=latest, but no run there
+    assert r.returncode == 1 and "No trained run" in r.stderr and "checkpoint=" in r.stderr
     r = run(*cmd("sample"), f"checkpoint={tmp_path}/nothing")
     assert r.returncode == 1 and "No checkpoint found" in r.stderr
     assert not any(tmp_path.iterdir())  # nothing was written

@@ -21,12 +21,7 @@ def tiny(seed=0, **kw) -> Transformer:
     return Transformer(cfg | kw).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "These models are tiny: one thread is faster, and robust to a busy machine (restored afterwards)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from llm_playground.trainer import (Callback, NonFiniteLossError, Trainer, list_
 from llm_playground.transformer import Transformer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny models train fastest on one thread (and are not slowed by thread contention on a shared machine)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
