@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PRESETS', 'ModelConfig', 'model_config', 'MLP', 'Block', 'Transformer']
 
-# %% ../nbs/05_model.ipynb #77f3c8d3
+# %% ../nbs/05_model.ipynb #0b425d1f
 import dataclasses, math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .attention import KVCache, MultiHeadAttention, make_attn_mask
 from .config import ConfigError, validate_config
 
-# %% ../nbs/05_model.ipynb #08f055f6
+# %% ../nbs/05_model.ipynb #3590d121
 @dataclass
 class ModelConfig:
     "Shape and regularization of a GPT-2 style `Transformer` (the schema of the `model` config group)."
@@ -39,7 +39,7 @@ class ModelConfig:
     @property
     def head_dim(self) -> int: return self.emb_dim // self.n_heads
 
-# %% ../nbs/05_model.ipynb #b74dfb6e
+# %% ../nbs/05_model.ipynb #8dbc02b5
 def model_config(
     cfg: ModelConfig | dict | DictConfig | None = None,  # a config, or None for the defaults (GPT-2 124M)
     **overrides,  # fields to change, e.g. `n_layers=2`
@@ -56,7 +56,7 @@ def model_config(
         raise ConfigError(f"model.emb_dim={c.emb_dim} must be divisible by model.n_heads={c.n_heads}.")
     return c
 
-# %% ../nbs/05_model.ipynb #f9609f85
+# %% ../nbs/05_model.ipynb #54d64f54
 _GPT2 = dict(vocab_size=50257, context_length=1024)
 PRESETS = {  # name -> `ModelConfig` fields; also `llm_playground/configs/model/<name>.yaml`
     "tiny":       dict(vocab_size=50257, context_length=256, emb_dim=256, n_layers=4, n_heads=4),
@@ -66,7 +66,7 @@ PRESETS = {  # name -> `ModelConfig` fields; also `llm_playground/configs/model/
     "gpt2_1558m": dict(_GPT2, emb_dim=1600, n_layers=48, n_heads=25),
 }
 
-# %% ../nbs/05_model.ipynb #dcb17b7b
+# %% ../nbs/05_model.ipynb #455696af
 class MLP(nn.Module):
     "Position-wise feed-forward network: Linear, GELU (tanh approximation), Linear, dropout."
     def __init__(self,
@@ -106,7 +106,7 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln2(x))
         return (x, w) if return_attn else x
 
-# %% ../nbs/05_model.ipynb #65fb5d96
+# %% ../nbs/05_model.ipynb #558c79a7
 class Transformer(nn.Module):
     "GPT-2: token and position embeddings, pre-LayerNorm blocks, final LayerNorm, (tied) linear head."
     def __init__(self,
@@ -177,7 +177,7 @@ class Transformer(nn.Module):
         logits = self.head(self.ln_f(x))
         return (logits, weights) if return_attn else logits
 
-# %% ../nbs/05_model.ipynb #6e77ad01
+# %% ../nbs/05_model.ipynb #51228683
 @patch(cls_method=True)
 def from_preset(cls: Transformer,
     name: str,  # a key of `PRESETS`: tiny, gpt2_124m, gpt2_355m, gpt2_774m, gpt2_1558m
@@ -187,7 +187,7 @@ def from_preset(cls: Transformer,
     if name not in PRESETS: raise ConfigError(f"Unknown model preset '{name}'. Presets: {', '.join(PRESETS)}.")
     return cls(PRESETS[name], **overrides)
 
-# %% ../nbs/05_model.ipynb #eaf22873
+# %% ../nbs/05_model.ipynb #67d0a670
 @patch
 def num_params(self: Transformer,
     embeddings: bool = True,  # include the token and position embedding tables
@@ -196,7 +196,7 @@ def num_params(self: Transformer,
     n = sum(p.numel() for p in self.parameters())
     return n if embeddings else n - self.tok_emb.weight.numel() - self.pos_emb.weight.numel()
 
-# %% ../nbs/05_model.ipynb #c9343b7f
+# %% ../nbs/05_model.ipynb #2a1935e8
 @patch
 def flops_per_token(self: Transformer,
     seq_len: int | None = None,  # sequence length `T` (default: `context_length`)
@@ -208,7 +208,7 @@ def flops_per_token(self: Transformer,
     f = 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * T
     return f if training else f // 3
 
-# %% ../nbs/05_model.ipynb #a60efbbb
+# %% ../nbs/05_model.ipynb #f899a021
 def _shape(m: nn.Module) -> str:
     "Short description of a layer's shape."
     if isinstance(m, nn.Embedding): return f"{m.num_embeddings} x {m.embedding_dim}"
@@ -218,7 +218,7 @@ def _shape(m: nn.Module) -> str:
 
 def _count(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
 
-# %% ../nbs/05_model.ipynb #efc38c7a
+# %% ../nbs/05_model.ipynb #080060f3
 @patch
 def summary(self: Transformer) -> str:  # a table, ready to `print`
     "A table of the model's parts with their shapes and parameter counts."
@@ -236,7 +236,7 @@ def summary(self: Transformer) -> str:  # a table, ready to `print`
     foot = f"total {self.num_params():,} parameters ({self.num_params(embeddings=False):,} without embeddings)"
     return "\n".join([head, fmt(("part", "type", "shape", "params")), "-" * (sum(w) + 6), *map(fmt, rows), foot])
 
-# %% ../nbs/05_model.ipynb #f1365e03
+# %% ../nbs/05_model.ipynb #a9b6ac70
 _HF_RENAMES = [("blocks.", "h."), (".ln1.", ".ln_1."), (".ln2.", ".ln_2."), (".attn.qkv.", ".attn.c_attn."),
                (".attn.proj.", ".attn.c_proj."), (".mlp.fc.", ".mlp.c_fc."), (".mlp.proj.", ".mlp.c_proj."),
                ("tok_emb.", "wte."), ("pos_emb.", "wpe.")]
@@ -263,7 +263,7 @@ def _strip_hf(sd: dict) -> dict:
     "Drop the `transformer.` prefix and the mask buffers."
     return {k.removeprefix("transformer."): v for k, v in sd.items() if not k.endswith(_HF_IGNORED)}
 
-# %% ../nbs/05_model.ipynb #d1978ce4
+# %% ../nbs/05_model.ipynb #a13bf657
 @patch
 def to_hf_state_dict(self: Transformer) -> dict:  # `GPT2LMHeadModel` keys -> tensors (`lm_head.weight` is `wte` when tied)
     "Our weights in Hugging Face `GPT2LMHeadModel` layout, `Conv1D` weights transposed."
@@ -296,7 +296,7 @@ def load_hf_state_dict(self: Transformer,
         for k, n in want.items(): ours[n].copy_(sd[k].t() if _hf_transposed(k) else sd[k])
     return self
 
-# %% ../nbs/05_model.ipynb #6e253122
+# %% ../nbs/05_model.ipynb #68442164
 @patch(cls_method=True)
 def from_hf(cls: Transformer,
     src,  # a `GPT2LMHeadModel` state dict, or the path of a `.safetensors` file holding one

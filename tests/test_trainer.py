@@ -73,6 +73,15 @@ def test_gradient_accumulation_matches_a_big_batch(text):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_fit_trains_even_under_no_grad(text):
+    "A notebook (or a caller) that switched gradients off globally must not break training."
+    tok, tr, _ = loaders(text)
+    t = Trainer(model(tok), tr, cfg=dict(device="cpu", precision="fp32", max_steps=2, progress=False), default_cbs=False)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    with torch.no_grad(): t.fit()
+    assert t.step == 2 and any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
 def test_total_steps_from_epochs_batches_and_accumulation(text):
     tok, tr, va = loaders(text)
     t = Trainer(model(tok), tr, cfg=dict(device="cpu", num_epochs=3, grad_accum_steps=4), opt_cfg=dict(warmup_ratio=0.1), default_cbs=False)
