@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['sample_next_token', 'greedy_decode', 'pad_prompts', 'position_ids_from_mask', 'generate_text']
 
-# %% ../nbs/06b_inference.ipynb #97a16430
+# %% ../nbs/06b_inference.ipynb #68134823
 import contextlib, warnings
 from numbers import Integral
 from typing import Callable, Iterable, Iterator, Sequence
@@ -20,7 +20,7 @@ from .logit_processors import (PAD_ID, LogitProcessorList, SuppressTokensProcess
                                              processors_from_config)
 from .transformer import Transformer
 
-# %% ../nbs/06b_inference.ipynb #24a3fc4e
+# %% ../nbs/06b_inference.ipynb #2a6dc787
 def sample_next_token(
     logits: Tensor,  # [B,V] next-token logits
     processors: Callable | Iterable[Callable] | None = None,  # logit processors to apply first (see `06a_logit_processors`)
@@ -36,7 +36,7 @@ def sample_next_token(
         logits = procs(ids, logits)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
-# %% ../nbs/06b_inference.ipynb #934966a9
+# %% ../nbs/06b_inference.ipynb #9f09e9bf
 @contextlib.contextmanager
 def _inference(model):
     "Run a block in eval mode without autograd, restoring the model's training mode afterwards."
@@ -50,7 +50,7 @@ def _inference(model):
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
-# %% ../nbs/06b_inference.ipynb #c34cb03e
+# %% ../nbs/06b_inference.ipynb #343a48f1
 def greedy_decode(
     model: Transformer,  # the model
     input_ids: Tensor,  # [B,T] prompts, all of the same length
@@ -69,7 +69,7 @@ def greedy_decode(
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
 
-# %% ../nbs/06b_inference.ipynb #0dbe3625
+# %% ../nbs/06b_inference.ipynb #fe2ca314
 def pad_prompts(
     prompts: Sequence[Sequence[int]],  # token-id lists, possibly of different lengths
     pad_id: int = PAD_ID,  # value for the padding positions
@@ -87,7 +87,7 @@ def position_ids_from_mask(
     "Position ids counting real tokens only, for left-padded batches."
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-# %% ../nbs/06b_inference.ipynb #74c82600
+# %% ../nbs/06b_inference.ipynb #501cc570
 def _is_int(x) -> bool: return isinstance(x, Integral) and not isinstance(x, bool)
 def _is_seq(x) -> bool:
     "Is `x` a sequence of ids (list, tuple, 1-D tensor or array), rather than a single id?"
@@ -120,7 +120,14 @@ def _as_prompt_list(prompt_ids, vocab_size: int) -> list[list[int]]:
             if not 0 <= t < vocab_size: raise ValueError(f"token id {t} at prompt {i}, position {j} is outside the model's vocabulary [0, {vocab_size})")
     return [[int(t) for t in p] for p in prompts]
 
-# %% ../nbs/06b_inference.ipynb #3834604f
+# %% ../nbs/06b_inference.ipynb #58d9d52d
+def _decode_head(model, device) -> torch.Tensor | None:
+    "A contiguous `[C, V]` copy of the head weight where one-row matmuls are faster with it (CPU, fp32), else None."
+    w = model.head.weight
+    if device.type != "cpu" or w.dtype != torch.float32 or torch.is_autocast_enabled("cpu"): return None
+    return w.detach().t().contiguous()
+
+# %% ../nbs/06b_inference.ipynb #be7e74e0
 def _decode_steps(model, prompts, max_new_tokens, eos_token_id=None, use_cache=True, processors=None, generator=None):
     "Yield `(tokens [B], alive [B])` once per step: each row's new token, and which rows were still generating."
     B, C, dev = len(prompts), model.cfg.context_length, _model_device(model)
@@ -135,6 +142,7 @@ def _decode_steps(model, prompts, max_new_tokens, eos_token_id=None, use_cache=T
         alive = torch.ones(B, dtype=torch.bool, device=dev)
         fits = min(C, W - 1) >= L  # the cache helps only if the prompt fits in the context
         cache = model.new_kv_cache(B, max_length=min(C, W - 1), device=dev) if use_cache and fits else None
+        head_t = _decode_head(model, dev)
     for t in range(max_new_tokens):
         cur = L + t  # columns filled so far
         with _inference(model):
@@ -142,12 +150,12 @@ def _decode_steps(model, prompts, max_new_tokens, eos_token_id=None, use_cache=T
                 past = cache.length
                 logits = model(buf[:, past:cur].clamp(min=0), kv_cache=cache,
                                attention_mask=mask[:, :cur] if padded else None,
-                               position_ids=pos[:, past:cur] if padded else None, last_only=True)
+                               position_ids=pos[:, past:cur] if padded else None, last_only=True, head_weight_t=head_t)
             else:                                  # recompute the last window of at most C columns
                 cache, s = None, max(0, cur - C)
                 m = mask[:, s:cur]
                 logits = model(buf[:, s:cur].clamp(min=0), attention_mask=m if padded else None,
-                               position_ids=position_ids_from_mask(m) if padded else None, last_only=True)
+                               position_ids=position_ids_from_mask(m) if padded else None, last_only=True, head_weight_t=head_t)
             nxt = sample_next_token(logits[:, -1], procs, generator, input_ids=buf[:, :cur])
             if eos_token_id is not None: nxt = torch.where(alive, nxt, eos_token_id)
             buf[:, cur] = nxt
@@ -156,7 +164,7 @@ def _decode_steps(model, prompts, max_new_tokens, eos_token_id=None, use_cache=T
         yield nxt, was_alive
         if eos_token_id is not None and not alive.any(): return
 
-# %% ../nbs/06b_inference.ipynb #cc2628a4
+# %% ../nbs/06b_inference.ipynb #a68997d1
 def _check_generate_args(model, prompt_ids, max_new_tokens, eos_token_id, temperature, top_k, top_p,
                          repetition_penalty, processors, seed, generator):
     "Validate `generate`'s arguments; return the prompts, the processor list and the generator."
@@ -179,7 +187,7 @@ def _check_generate_args(model, prompt_ids, max_new_tokens, eos_token_id, temper
                       f"condition on the last {C} tokens only (sliding window)", stacklevel=3)
     return prompts, procs, generator
 
-# %% ../nbs/06b_inference.ipynb #6deac49e
+# %% ../nbs/06b_inference.ipynb #5b270104
 @patch
 def generate(
     self: Transformer,
@@ -203,7 +211,7 @@ def generate(
     toks, alive = (torch.stack(x, 1).tolist() for x in zip(*steps))  # one transfer to the host at the end
     return [[t for t, a in zip(row, arow) if a] for row, arow in zip(toks, alive)]
 
-# %% ../nbs/06b_inference.ipynb #f15c947d
+# %% ../nbs/06b_inference.ipynb #551ca8ae
 @patch
 @delegates(Transformer.generate)
 def generate_stream(
@@ -223,7 +231,7 @@ def generate_stream(
     for tokens, alive in _decode_steps(self, prompts, max_new_tokens, args["eos_token_id"], use_cache, procs, gen):
         yield [t if a else None for t, a in zip(tokens.tolist(), alive.tolist())]
 
-# %% ../nbs/06b_inference.ipynb #6ec68cd6
+# %% ../nbs/06b_inference.ipynb #5ead5bd5
 @delegates(Transformer.generate, but=["eos_token_id"])
 def generate_text(
     model: Transformer,  # the model

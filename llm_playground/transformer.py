@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PRESETS', 'ModelConfig', 'model_config', 'MLP', 'Block', 'Transformer']
 
-# %% ../nbs/05_model.ipynb #0b425d1f
+# %% ../nbs/05_model.ipynb #8c566771
 import dataclasses, math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .attention import KVCache, MultiHeadAttention, make_attn_mask
 from .config import ConfigError, validate_config
 
-# %% ../nbs/05_model.ipynb #3590d121
+# %% ../nbs/05_model.ipynb #569ac110
 @dataclass
 class ModelConfig:
     "Shape and regularization of a GPT-2 style `Transformer` (the schema of the `model` config group)."
@@ -39,7 +39,7 @@ class ModelConfig:
     @property
     def head_dim(self) -> int: return self.emb_dim // self.n_heads
 
-# %% ../nbs/05_model.ipynb #8dbc02b5
+# %% ../nbs/05_model.ipynb #deb35181
 def model_config(
     cfg: ModelConfig | dict | DictConfig | None = None,  # a config, or None for the defaults (GPT-2 124M)
     **overrides,  # fields to change, e.g. `n_layers=2`
@@ -56,7 +56,7 @@ def model_config(
         raise ConfigError(f"model.emb_dim={c.emb_dim} must be divisible by model.n_heads={c.n_heads}.")
     return c
 
-# %% ../nbs/05_model.ipynb #54d64f54
+# %% ../nbs/05_model.ipynb #4d449acc
 _GPT2 = dict(vocab_size=50257, context_length=1024)
 PRESETS = {  # name -> `ModelConfig` fields; also `llm_playground/configs/model/<name>.yaml`
     "tiny":       dict(vocab_size=50257, context_length=256, emb_dim=256, n_layers=4, n_heads=4),
@@ -66,7 +66,7 @@ PRESETS = {  # name -> `ModelConfig` fields; also `llm_playground/configs/model/
     "gpt2_1558m": dict(_GPT2, emb_dim=1600, n_layers=48, n_heads=25),
 }
 
-# %% ../nbs/05_model.ipynb #455696af
+# %% ../nbs/05_model.ipynb #d17c6409
 class MLP(nn.Module):
     "Position-wise feed-forward network: Linear, GELU (tanh approximation), Linear, dropout."
     def __init__(self,
@@ -106,7 +106,7 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln2(x))
         return (x, w) if return_attn else x
 
-# %% ../nbs/05_model.ipynb #558c79a7
+# %% ../nbs/05_model.ipynb #70f4036c
 class Transformer(nn.Module):
     "GPT-2: token and position embeddings, pre-LayerNorm blocks, final LayerNorm, (tied) linear head."
     def __init__(self,
@@ -153,6 +153,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,  # cache to continue from and fill; its `length` advances by `T`
         return_attn: bool = False,  # also return the attention weights of every layer
         last_only: bool = False,  # compute the logits of the last position only (`[B, 1, V]`): all generation needs
+        head_weight_t: Tensor | None = None,  # the head's weight transposed, `[emb_dim, vocab]` contiguous, used instead of `head` (see `generate`)
     ):  # logits `[B, T, vocab_size]`, or `(logits, [weights [B, H, T, past + T] per layer])` when `return_attn`
         "Next-token logits for `input_ids`, continuing from (and filling) `kv_cache` when given."
         if input_ids.ndim != 2: raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
@@ -174,10 +175,11 @@ class Transformer(nn.Module):
             if return_attn: x, w = x; weights.append(w)
         if kv_cache is not None: kv_cache.advance(T)
         if last_only: x = x[:, -1:]  # the head is the biggest matmul of a small model: skip it where unused
-        logits = self.head(self.ln_f(x))
+        x = self.ln_f(x)
+        logits = x @ head_weight_t if head_weight_t is not None else self.head(x)
         return (logits, weights) if return_attn else logits
 
-# %% ../nbs/05_model.ipynb #51228683
+# %% ../nbs/05_model.ipynb #70a8e104
 @patch(cls_method=True)
 def from_preset(cls: Transformer,
     name: str,  # a key of `PRESETS`: tiny, gpt2_124m, gpt2_355m, gpt2_774m, gpt2_1558m
@@ -187,7 +189,7 @@ def from_preset(cls: Transformer,
     if name not in PRESETS: raise ConfigError(f"Unknown model preset '{name}'. Presets: {', '.join(PRESETS)}.")
     return cls(PRESETS[name], **overrides)
 
-# %% ../nbs/05_model.ipynb #67d0a670
+# %% ../nbs/05_model.ipynb #f13abe74
 @patch
 def num_params(self: Transformer,
     embeddings: bool = True,  # include the token and position embedding tables
@@ -196,7 +198,7 @@ def num_params(self: Transformer,
     n = sum(p.numel() for p in self.parameters())
     return n if embeddings else n - self.tok_emb.weight.numel() - self.pos_emb.weight.numel()
 
-# %% ../nbs/05_model.ipynb #2a1935e8
+# %% ../nbs/05_model.ipynb #8b9005eb
 @patch
 def flops_per_token(self: Transformer,
     seq_len: int | None = None,  # sequence length `T` (default: `context_length`)
@@ -208,7 +210,7 @@ def flops_per_token(self: Transformer,
     f = 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * T
     return f if training else f // 3
 
-# %% ../nbs/05_model.ipynb #f899a021
+# %% ../nbs/05_model.ipynb #6b569567
 def _shape(m: nn.Module) -> str:
     "Short description of a layer's shape."
     if isinstance(m, nn.Embedding): return f"{m.num_embeddings} x {m.embedding_dim}"
@@ -218,7 +220,7 @@ def _shape(m: nn.Module) -> str:
 
 def _count(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
 
-# %% ../nbs/05_model.ipynb #080060f3
+# %% ../nbs/05_model.ipynb #ea416535
 @patch
 def summary(self: Transformer) -> str:  # a table, ready to `print`
     "A table of the model's parts with their shapes and parameter counts."
@@ -236,7 +238,7 @@ def summary(self: Transformer) -> str:  # a table, ready to `print`
     foot = f"total {self.num_params():,} parameters ({self.num_params(embeddings=False):,} without embeddings)"
     return "\n".join([head, fmt(("part", "type", "shape", "params")), "-" * (sum(w) + 6), *map(fmt, rows), foot])
 
-# %% ../nbs/05_model.ipynb #a9b6ac70
+# %% ../nbs/05_model.ipynb #700d54b6
 _HF_RENAMES = [("blocks.", "h."), (".ln1.", ".ln_1."), (".ln2.", ".ln_2."), (".attn.qkv.", ".attn.c_attn."),
                (".attn.proj.", ".attn.c_proj."), (".mlp.fc.", ".mlp.c_fc."), (".mlp.proj.", ".mlp.c_proj."),
                ("tok_emb.", "wte."), ("pos_emb.", "wpe.")]
@@ -263,7 +265,7 @@ def _strip_hf(sd: dict) -> dict:
     "Drop the `transformer.` prefix and the mask buffers."
     return {k.removeprefix("transformer."): v for k, v in sd.items() if not k.endswith(_HF_IGNORED)}
 
-# %% ../nbs/05_model.ipynb #a13bf657
+# %% ../nbs/05_model.ipynb #a22af4f3
 @patch
 def to_hf_state_dict(self: Transformer) -> dict:  # `GPT2LMHeadModel` keys -> tensors (`lm_head.weight` is `wte` when tied)
     "Our weights in Hugging Face `GPT2LMHeadModel` layout, `Conv1D` weights transposed."
@@ -296,7 +298,7 @@ def load_hf_state_dict(self: Transformer,
         for k, n in want.items(): ours[n].copy_(sd[k].t() if _hf_transposed(k) else sd[k])
     return self
 
-# %% ../nbs/05_model.ipynb #68442164
+# %% ../nbs/05_model.ipynb #7f895010
 @patch(cls_method=True)
 def from_hf(cls: Transformer,
     src,  # a `GPT2LMHeadModel` state dict, or the path of a `.safetensors` file holding one
