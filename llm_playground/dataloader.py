@@ -6,7 +6,7 @@
 __all__ = ['num_windows', 'manifest_dtype', 'TokenStream', 'load_tokens', 'NextTokenPredictionDataset', 'ResumableSampler',
            'ResumableDataLoader', 'create_dataloader', 'DatasetConfig', 'dataloaders_from_config']
 
-# %% ../nbs/03_data.ipynb #1e5996ee
+# %% ../nbs/03_data.ipynb #72fc473a
 import bisect, json, operator, os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .config import validate_config
 from .tokenizer import Tokenizer
 
-# %% ../nbs/03_data.ipynb #a6ec36d4
+# %% ../nbs/03_data.ipynb #51679b11
 def num_windows(
     n_tokens: int,  # length $N$ of the token stream
     max_length: int,  # tokens per input window, $L$
@@ -30,7 +30,7 @@ def num_windows(
     "Number of (input, target) windows of `max_length` tokens, `stride` apart, in a stream of `n_tokens` tokens."
     return max(0, (n_tokens - max_length - 1) // stride + 1)
 
-# %% ../nbs/03_data.ipynb #9fc4ee18
+# %% ../nbs/03_data.ipynb #4cd365b7
 def manifest_dtype(
     path: str | os.PathLike,  # a `.bin` file, or a directory of them
     default: str = "uint16",  # the type when no `manifest.json` names one
@@ -53,7 +53,7 @@ def _int_dtype(name, where) -> np.dtype:
     if dt is None or dt.kind not in "ui": raise ValueError(f"Token dtype {name!r} from {where} is not an integer type (use uint16 or uint32).")
     return dt.newbyteorder("<")
 
-# %% ../nbs/03_data.ipynb #9ccae1cd
+# %% ../nbs/03_data.ipynb #5ad540bd
 class TokenStream:
     "Token arrays (memory-mapped shards or in-memory) read as one stream, without concatenating them."
     def __init__(self,
@@ -96,7 +96,7 @@ class TokenStream:
 
     def __repr__(self): return f"TokenStream({len(self)} tokens in {len(self.parts)} part(s))"
 
-# %% ../nbs/03_data.ipynb #8ba38cc9
+# %% ../nbs/03_data.ipynb #63e95002
 def _shard_files(paths) -> list[tuple[Path, bool]]:
     "The token files named by `paths`, each with whether it was named explicitly (rather than found in a directory)."
     out = []
@@ -106,7 +106,7 @@ def _shard_files(paths) -> list[tuple[Path, bool]]:
             if not found: raise FileNotFoundError(f"No .bin or .txt token shards in directory {p}.")
             out += [(f, False) for f in found]
         elif p.is_file(): out.append((p, True))
-        else: raise FileNotFoundError(f"Token file or directory not found: {p}")
+        else: raise FileNotFoundError(f"Token file or directory not found: {p} (make token shards with lp_corpus and lp_preprocess, or name a .txt file)")
     return out
 
 def _text_tokens(f: Path, tokenizer: Tokenizer | None) -> np.ndarray:
@@ -124,7 +124,7 @@ def _bin_tokens(f: Path, dtype: np.dtype | None) -> np.memmap:
         raise ValueError(f"{f} holds {size} bytes, not a whole number of {dt.name} tokens ({dt.itemsize} bytes each): wrong dtype?")
     return np.memmap(f, dtype=dt, mode="r", shape=(size // dt.itemsize,))
 
-# %% ../nbs/03_data.ipynb #cc8ad830
+# %% ../nbs/03_data.ipynb #7fe96de4
 def load_tokens(
     path: str | os.PathLike | Sequence[str | os.PathLike],  # a `.txt`/`.bin` file, a directory of shards, or a list of these
     tokenizer: Tokenizer | None = None,  # tokenizes `.txt` files (not needed for `.bin`)
@@ -143,7 +143,7 @@ def load_tokens(
         names.append(str(f))
     return TokenStream(parts, names)
 
-# %% ../nbs/03_data.ipynb #2602d2d7
+# %% ../nbs/03_data.ipynb #2dbc5ae1
 def _positive_int(name: str, v) -> int:
     "`v` as an int, or a clear error unless it is a whole number >= 1."
     try: i = operator.index(v)
@@ -151,7 +151,7 @@ def _positive_int(name: str, v) -> int:
     if isinstance(v, bool) or i < 1: raise ValueError(f"{name} must be a positive integer (>= 1), got {v!r}.")
     return i
 
-# %% ../nbs/03_data.ipynb #d2d5fa28
+# %% ../nbs/03_data.ipynb #d930907c
 class NextTokenPredictionDataset(Dataset):
     "Windows of `max_length` token ids, `stride` apart, each paired with the same window shifted by one token."
     def __init__(self,
@@ -189,7 +189,7 @@ class NextTokenPredictionDataset(Dataset):
         return (f"{type(self).__name__}({len(self)} windows of {self.max_length} tokens, stride {self.stride}, "
                 f"from {len(self.tokens)} tokens)")
 
-# %% ../nbs/03_data.ipynb #753849d6
+# %% ../nbs/03_data.ipynb #8664f9fe
 def _seed(seed) -> int:
     "`seed` as a non-negative int, or a clear error."
     try: s = operator.index(seed)
@@ -197,7 +197,7 @@ def _seed(seed) -> int:
     if s < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     return s
 
-# %% ../nbs/03_data.ipynb #9a382a34
+# %% ../nbs/03_data.ipynb #d7e56461
 class ResumableSampler(Sampler[int]):
     "Dataset indices in an order fixed by `(seed, epoch)`, whose position can be saved and restored mid-epoch."
     def __init__(self,
@@ -245,7 +245,7 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"samples_yielded={state['samples_yielded']} is outside 0..{self.num_samples}.")
         self.epoch, self.seed, self.samples_yielded = int(state["epoch"]), _seed(state["seed"]), int(state["samples_yielded"])
 
-# %% ../nbs/03_data.ipynb #6c889e26
+# %% ../nbs/03_data.ipynb #8264e22c
 class ResumableDataLoader(DataLoader):
     "A `DataLoader` over a `ResumableSampler` whose `state_dict` counts the samples the training loop has received."
     def __init__(self,
@@ -292,7 +292,7 @@ class ResumableDataLoader(DataLoader):
             raise ValueError("This loader yields no batches.")
         finally: self.load_state_dict(state)
 
-# %% ../nbs/03_data.ipynb #91df8f94
+# %% ../nbs/03_data.ipynb #31a0ab28
 @delegates(DataLoader, but=["dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "drop_last", "num_workers",
                             "pin_memory", "generator"])
 def create_dataloader(
@@ -315,7 +315,7 @@ def create_dataloader(
                                drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
                                generator=torch.Generator().manual_seed(_seed(seed)), **kwargs)
 
-# %% ../nbs/03_data.ipynb #0b346f27
+# %% ../nbs/03_data.ipynb #c9d98e14
 @dataclass
 class DatasetConfig:
     "Schema of the `dataset` config group: the token files and how they are windowed and batched."
@@ -330,7 +330,7 @@ class DatasetConfig:
     seed: int = 0  # seed of the training order
     pin_memory: Optional[bool] = None  # null: pin when CUDA is available
 
-# %% ../nbs/03_data.ipynb #4d2530c3
+# %% ../nbs/03_data.ipynb #dafa3e47
 def dataloaders_from_config(
     cfg: DictConfig | dict,  # the `dataset` section of a config (see `DatasetConfig`)
     tokenizer: Tokenizer | None = None,  # needed only when the data are `.txt` files
