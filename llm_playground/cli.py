@@ -6,7 +6,7 @@
 __all__ = ['PretrainConfig', 'validate_pretrain_config', 'build_tokenizer', 'check_compatible', 'latest_run', 'config_diff',
            'resume_config', 'pretrain', 'pretrain_main', 'load_model', 'SampleConfig', 'sample', 'sample_main', 'main']
 
-# %% ../nbs/08_cli.ipynb #4fd1a6f5
+# %% ../nbs/08_cli.ipynb #309d5e80
 import json, sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, compose_config, get_device, hydra_main, resolve_root, seed_everything, validate_config
 from .dataloader import DatasetConfig, dataloaders_from_config
-from .inference_utils import generate_text
+from .inference_utils import generate_text, vocab_guard
 from .tokenizer import Tokenizer
 from .trainer import (CheckpointError, NonFiniteLossError, OptimiserConfig, Trainer, TrainerConfig,
                                     find_checkpoint, load_weights, make_run_dir)
 from .transformer import ModelConfig, Transformer, model_config
 
-# %% ../nbs/08_cli.ipynb #1f559ecc
+# %% ../nbs/08_cli.ipynb #e67b28b8
 @dataclass
 class PretrainConfig:
     "Schema of `pretrain.yaml` (the tokenizer section is any `_target_` that builds a `Tokenizer`)."
@@ -50,7 +50,7 @@ def validate_pretrain_config(
     out["resume"] = cfg.get("resume")
     return OmegaConf.create(out)
 
-# %% ../nbs/08_cli.ipynb #7b3be859
+# %% ../nbs/08_cli.ipynb #2db58899
 def build_tokenizer(
     cfg: DictConfig | dict,  # a `tokenizer` section (`_target_` and arguments)
 ) -> Tokenizer:
@@ -79,7 +79,7 @@ def check_compatible(
         raise ConfigError(f"The data in {cfg.dataset.train} was tokenized with {man.get('tokenizer')} (vocab {man.get('vocab_size')}), "
                           f"but the tokenizer is {tokenizer.name} (vocab {V}): use the same tokenizer, or run lp_preprocess again.")
 
-# %% ../nbs/08_cli.ipynb #cf6b7764
+# %% ../nbs/08_cli.ipynb #0ec2cefb
 def latest_run(
     models_dir: str | Path | None = None,  # where runs are saved (default `${root:models}`)
 ) -> Path:  # the run directory holding the most recently written checkpoint
@@ -89,7 +89,7 @@ def latest_run(
     if not ckpts: raise CheckpointError(f"No trained run under {d}: train one with lp_pretrain, or name one with checkpoint=<run directory>.")
     return max(ckpts, key=lambda c: (c/"checkpoint.json").stat().st_mtime).parent.parent
 
-# %% ../nbs/08_cli.ipynb #04d69774
+# %% ../nbs/08_cli.ipynb #3d5031fd
 def config_diff(
     a: DictConfig | dict,  # one config (section)
     b: DictConfig | dict,  # another
@@ -129,7 +129,7 @@ def resume_config(
     if diffs: raise ConfigError(f"Cannot resume {ckpt} with a different model or tokenizer:\n  " + "\n  ".join(diffs))
     return validate_pretrain_config(new), ckpt
 
-# %% ../nbs/08_cli.ipynb #937e0428
+# %% ../nbs/08_cli.ipynb #de103b8b
 def pretrain(
     cfg: DictConfig,  # a composed `pretrain` config (e.g. from `compose_config("pretrain", overrides)`)
     overrides: Sequence[str] = (),  # the overrides it was composed with (used when resuming)
@@ -158,8 +158,8 @@ def pretrain(
     print(f"Sample from it: lp_sample checkpoint={run_dir} prompt=\"...\"   (or checkpoint=latest)")
     return trainer
 
-# %% ../nbs/08_cli.ipynb #d3f7cb6d
-_USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+# %% ../nbs/08_cli.ipynb #f66fb6a5
+_USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError)  # bad data or settings
 
 def _run_cli(f, cfg):
     "Run `f(cfg)`, reporting the errors a user can fix without a traceback."
@@ -173,7 +173,7 @@ def pretrain_main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     _run_cli(lambda c: pretrain(c, list(HydraConfig.get().overrides.task)), cfg)
 
-# %% ../nbs/08_cli.ipynb #7f82bf65
+# %% ../nbs/08_cli.ipynb #27e161ef
 def load_model(
     path: str | Path,  # a run directory (its latest checkpoint), a checkpoint folder, or `"latest"` (see `latest_run`)
     device: str = "auto",  # auto, cpu, cuda, cuda:N or mps
@@ -186,7 +186,7 @@ def load_model(
     model = load_weights(Transformer(cfg.model), ckpt).to(get_device(device)).eval()
     return model, build_tokenizer(cfg.tokenizer), cfg
 
-# %% ../nbs/08_cli.ipynb #829263fe
+# %% ../nbs/08_cli.ipynb #e80b1725
 @dataclass
 class SampleConfig:
     "Schema of `sample.yaml`: which model, which prompts, how to sample."
@@ -208,7 +208,8 @@ def _stream_one(model, tokenizer, prompt: str, c, out) -> str:
     new, shown = [], ""
     out.write(prompt); out.flush()
     for step in model.generate_stream(ids, c.max_new_tokens, eos_token_id=tokenizer.eot_token, temperature=c.temperature,
-                                      top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty, seed=c.seed):
+                                      top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty, seed=c.seed,
+                                      processors=vocab_guard(model, tokenizer)):
         if step[0] is None or step[0] == tokenizer.eot_token: break
         new.append(step[0])
         text = tokenizer.decode(new)
@@ -245,7 +246,7 @@ def sample_main(cfg: DictConfig):
     "Console script `lp_sample`: generate text from a trained model."
     _run_cli(sample, cfg)
 
-# %% ../nbs/08_cli.ipynb #ba7b4895
+# %% ../nbs/08_cli.ipynb #4d720bdf
 _COMMANDS = dict(pretrain=pretrain_main, sample=sample_main)
 
 def main(argv: Sequence[str] | None = None):
@@ -256,6 +257,6 @@ def main(argv: Sequence[str] | None = None):
     sys.argv = [f"lp_{argv[1]}", *argv[2:]]
     _COMMANDS[argv[1]]()
 
-# %% ../nbs/08_cli.ipynb #fce16927
+# %% ../nbs/08_cli.ipynb #d5000604
 #| eval: false
 if __name__ == "__main__": main()

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ENDOFTEXT', 'gpt2_vocab_files', 'gpt2_encoding', 'Tokenizer', 'GPT2Tokenizer', 'CharTokenizer', 'count_tokens']
 
-# %% ../nbs/01_tokenizer.ipynb #2bfbb3e4
+# %% ../nbs/01_tokenizer.ipynb #035644e7
 import functools, os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-# %% ../nbs/01_tokenizer.ipynb #1cbd4073
+# %% ../nbs/01_tokenizer.ipynb #34e36a84
 ENDOFTEXT = "<|endoftext|>"
 # the hashes tiktoken pins for the official files (tiktoken_ext/openai_public.py)
 _GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -39,7 +39,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
     return tiktoken.Encoding(name="gpt2", pat_str=_GPT2_PAT, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
 
-# %% ../nbs/01_tokenizer.ipynb #5b8af6c4
+# %% ../nbs/01_tokenizer.ipynb #211ad78b
 class Tokenizer:
     "Interface of LLM Playground tokenizers: text ↔ token ids, plus the vocabulary size and the end-of-text id."
     name: str = "tokenizer"
@@ -63,7 +63,7 @@ class Tokenizer:
 
     def __repr__(self): return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eot_token={self.eot_token})"
 
-# %% ../nbs/01_tokenizer.ipynb #b7c70714
+# %% ../nbs/01_tokenizer.ipynb #d7390361
 class GPT2Tokenizer(Tokenizer):
     "GPT-2 byte-pair encoding (50,257 tokens) through tiktoken, built offline."
     name = "gpt2"
@@ -89,7 +89,7 @@ class GPT2Tokenizer(Tokenizer):
         "Texts of several id sequences."
         return self.encoding.decode_batch([[int(i) for i in ids] for ids in batch])
 
-# %% ../nbs/01_tokenizer.ipynb #4dc2b464
+# %% ../nbs/01_tokenizer.ipynb #4ab53834
 class CharTokenizer(Tokenizer):
     "Character-level tokenizer over a fixed alphabet, plus one end-of-text id."
     name = "char"
@@ -132,13 +132,13 @@ class CharTokenizer(Tokenizer):
         try: return "".join(ENDOFTEXT if i == n else self.chars[i] for i in map(int, ids))
         except IndexError: raise ValueError(f"Token id out of range for a vocabulary of {self.vocab_size}.") from None
 
-# %% ../nbs/01_tokenizer.ipynb #105e29ce
+# %% ../nbs/01_tokenizer.ipynb #56d594c6
 def count_tokens(
     text_or_path: str | os.PathLike,  # a text, or the path of a UTF-8 text file
     tokenizer: Tokenizer | None = None,  # the tokenizer (default: GPT-2)
 ) -> int:  # the number of tokens
     "Number of tokens in a text or a text file."
     tokenizer = tokenizer or GPT2Tokenizer()
-    if isinstance(text_or_path, os.PathLike) or (isinstance(text_or_path, str) and len(text_or_path) < 4096 and "\n" not in text_or_path and Path(text_or_path).is_file()):
+    if isinstance(text_or_path, os.PathLike) or (isinstance(text_or_path, str) and "\n" not in text_or_path and os.path.isfile(text_or_path)):
         text_or_path = Path(text_or_path).read_text(encoding="utf-8")
     return len(tokenizer.encode(text_or_path))

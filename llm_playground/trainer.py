@@ -11,7 +11,7 @@ __all__ = ['CKPT_DELAY_ENV', 'lm_loss', 'param_groups', 'OptimiserConfig', 'crea
            'list_checkpoints', 'find_checkpoint', 'load_weights', 'prune_checkpoints', 'CheckpointCB',
            'default_callbacks', 'make_run_dir']
 
-# %% ../nbs/07_trainer.ipynb #e3d94108
+# %% ../nbs/07_trainer.ipynb #e20937f2
 import dataclasses, hashlib, json, math, os, random, shutil, time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, get_device, seed_everything, validate_config
 from .inference_utils import generate_text
 
-# %% ../nbs/07_trainer.ipynb #a1a07963
+# %% ../nbs/07_trainer.ipynb #b120f03f
 def lm_loss(
     logits: torch.Tensor,  # `[B, T, V]` next-token logits
     targets: torch.Tensor,  # `[B, T]` the true next tokens
@@ -38,7 +38,7 @@ def lm_loss(
     "Next-token cross-entropy, averaged over every position of the batch."
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-# %% ../nbs/07_trainer.ipynb #81c3ced9
+# %% ../nbs/07_trainer.ipynb #6d24bdf1
 def _no_decay_module(m: nn.Module) -> bool:
     "Is `m` an embedding or a normalisation layer (whose weights are not decayed)?"
     return isinstance(m, nn.Embedding) or "norm" in type(m).__name__.lower()
@@ -59,7 +59,7 @@ def param_groups(
             ps.append(p); names.append(name)
     return [dict(params=groups[d][0], names=groups[d][1], weight_decay=weight_decay if d else 0.0) for d in (True, False)]
 
-# %% ../nbs/07_trainer.ipynb #110d63fb
+# %% ../nbs/07_trainer.ipynb #e5690cd8
 @dataclass
 class OptimiserConfig:
     "Schema of the `optimiser` config group: the optimiser and its learning-rate schedule."
@@ -81,7 +81,7 @@ def _as_config(cfg, schema, where):
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type): cfg = OmegaConf.structured(cfg)
     return validate_config(cfg, schema, where)
 
-# %% ../nbs/07_trainer.ipynb #90c20c1e
+# %% ../nbs/07_trainer.ipynb #d4d00833
 def create_optimiser(
     model: nn.Module,  # the model to train
     cfg: OptimiserConfig | DictConfig | dict | None = None,  # the `optimiser` config (default: AdamW defaults)
@@ -93,7 +93,7 @@ def create_optimiser(
     if cfg.name == "sgd": return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     raise ConfigError(f"Unknown optimiser.name '{cfg.name}': use adamw or sgd.")
 
-# %% ../nbs/07_trainer.ipynb #3fe06c9c
+# %% ../nbs/07_trainer.ipynb #f6180186
 class LRSchedule:
     "Learning-rate multiplier: linear warmup to 1, then cosine (or linear, or constant) decay to `min_ratio`."
     def __init__(self,
@@ -114,7 +114,7 @@ class LRSchedule:
 
     def __repr__(self): return f"LRSchedule({self.kind}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, min_ratio={self.min_ratio})"
 
-# %% ../nbs/07_trainer.ipynb #499f6ece
+# %% ../nbs/07_trainer.ipynb #8bd6d172
 def warmup_steps_for(
     cfg: OptimiserConfig | DictConfig,  # the `optimiser` config
     total_steps: int,  # optimiser steps of the whole run
@@ -132,7 +132,7 @@ def create_scheduler(
     fn = LRSchedule(total_steps, warmup_steps_for(cfg, total_steps), cfg.min_lr_ratio, cfg.schedule)
     return torch.optim.lr_scheduler.LambdaLR(opt, fn)
 
-# %% ../nbs/07_trainer.ipynb #ee31bf4c
+# %% ../nbs/07_trainer.ipynb #a745acfc
 class Callback:
     "Base class of `Trainer` callbacks: define methods named after events (`before_fit`, `after_step`, ...)."
     order: int = 0  # callbacks run in increasing `order`
@@ -147,7 +147,7 @@ def run_cbs(
         method = getattr(cb, event, None)
         if method is not None: method(trainer)
 
-# %% ../nbs/07_trainer.ipynb #3c8cbba9
+# %% ../nbs/07_trainer.ipynb #ef9457da
 class CancelFitException(Exception): "Raise in a callback to stop training (cleanly: `cleanup_fit` still runs)."
 class CancelEpochException(Exception): "Raise in a callback to skip the rest of the epoch."
 class CancelStepException(Exception): "Raise in a callback to skip the rest of the optimiser step."
@@ -167,7 +167,7 @@ class with_cbs:
             finally: o.callback(f"cleanup_{self.name}")
         return _f
 
-# %% ../nbs/07_trainer.ipynb #2a4090a9
+# %% ../nbs/07_trainer.ipynb #b9ba7204
 @dataclass
 class SamplingConfig:
     "Schema of `trainer.sampling`: text generated from a few prompts during training."
@@ -207,7 +207,7 @@ class TrainerConfig:
     plot: bool = True  # save loss.png in the run directory
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
-# %% ../nbs/07_trainer.ipynb #0b9cbf09
+# %% ../nbs/07_trainer.ipynb #c5318259
 def resolve_precision(
     precision: str,  # fp32, bf16, fp16 or auto
     device: torch.device,  # where training runs
@@ -220,7 +220,7 @@ def resolve_precision(
     if device.type == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if device.type == "cpu" else "fp32"
 
-# %% ../nbs/07_trainer.ipynb #c8616591
+# %% ../nbs/07_trainer.ipynb #d9678d86
 class NonFiniteLossError(RuntimeError):
     "The training loss became NaN or infinite."
 
@@ -299,7 +299,7 @@ class Trainer:
         self.sched.step()
         self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + n
 
-# %% ../nbs/07_trainer.ipynb #50b0c533
+# %% ../nbs/07_trainer.ipynb #25e8959d
 @patch
 def _step_batches(self: Trainer):
     "Groups of micro-batches, one group per optimiser step, for the rest of the current epoch."
@@ -317,7 +317,7 @@ def _step_batches(self: Trainer):
         yield [next(it) for _ in range(k)]
         remaining -= k
 
-# %% ../nbs/07_trainer.ipynb #806a96cc
+# %% ../nbs/07_trainer.ipynb #373453ae
 @patch
 def log(self: Trainer, **metrics):
     "Record a row of metrics (with step, epoch and time) in `history` and in run_dir/metrics.jsonl."
@@ -349,7 +349,7 @@ class MetricsCB(Callback):
                   tokens=t.tokens_seen, tokens_per_s=round((t.tokens_seen - self.tok0) / max(dt, 1e-9), 1))
             self._reset(t)
 
-# %% ../nbs/07_trainer.ipynb #31a663c3
+# %% ../nbs/07_trainer.ipynb #ba10caa7
 def _fork_rng(device: torch.device):
     "A context that restores the torch random state of the CPU (and of `device`, if CUDA) on exit."
     return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
@@ -368,10 +368,10 @@ def evaluate(self: Trainer,
     with _fork_rng(self.device), torch.no_grad():
         for i, (xb, yb) in enumerate(dl):
             if max_batches and i >= max_batches: break
-            with self.autocast(): total += self.loss_func(self.fwd_model(xb.to(self.device)), yb.to(self.device)).item() * yb.numel()
-            count += yb.numel()
+            with self.autocast(): total += self.loss_func(self.fwd_model(xb.to(self.device)), yb.to(self.device)).float() * yb.numel()
+            count += yb.numel()  # (summed on the device: one synchronisation at the end, not one per batch)
     self.model.train(was_training)
-    loss = total / max(count, 1)
+    loss = float(total) / max(count, 1)
     return dict(val_loss=loss, val_ppl=math.exp(min(loss, 50)))
 
 class EvalCB(Callback):
@@ -386,7 +386,7 @@ class EvalCB(Callback):
         if (self.eval_steps and t.step % self.eval_steps == 0) or t.done: self._eval(t)
     def after_epoch(self, t): self._eval(t)
 
-# %% ../nbs/07_trainer.ipynb #80f6edcf
+# %% ../nbs/07_trainer.ipynb #e12c1cce
 class SampleCB(Callback):
     "Generate text from the sampling prompts every `every_n_steps` steps and/or every epoch; print and save it."
     order = 30
@@ -416,7 +416,7 @@ class SampleCB(Callback):
 
 def _write(s: str): tqdm.write(s)
 
-# %% ../nbs/07_trainer.ipynb #b92e70f6
+# %% ../nbs/07_trainer.ipynb #34673ebb
 class ProgressCB(Callback):
     "A progress bar over the optimiser steps, showing the loss; evaluation results printed above it."
     order = 50
@@ -431,7 +431,7 @@ class ProgressCB(Callback):
         self._seen = len(t.history)
     def cleanup_fit(self, t): self.bar.close()
 
-# %% ../nbs/07_trainer.ipynb #f19df0c6
+# %% ../nbs/07_trainer.ipynb #26298268
 def plot_metrics(
     rows: Sequence[dict] | str | Path,  # logged rows (`Trainer.history`), or a run directory
     path: str | Path | None = None,  # save the figure here (e.g. run_dir/loss.png)
@@ -469,7 +469,7 @@ class PlotCB(Callback):
     def plot(self, t):
         if t.run_dir is not None and t.history: plot_metrics(t.history, t.run_dir/"loss.png", show=False)
 
-# %% ../nbs/07_trainer.ipynb #c69ec2e6
+# %% ../nbs/07_trainer.ipynb #c2a2fc46
 def rng_state() -> dict:
     "The state of Python's, NumPy's and torch's (CPU and CUDA) random number generators."
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -486,7 +486,7 @@ def set_rng_state(
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
 
-# %% ../nbs/07_trainer.ipynb #f0c422ed
+# %% ../nbs/07_trainer.ipynb #9a45f2db
 CKPT_DELAY_ENV = "LLM_PLAYGROUND_CKPT_DELAY"
 
 class CheckpointError(RuntimeError):
@@ -534,12 +534,14 @@ def save_checkpoint(self: Trainer,
                 files={f.name: dict(sha256=_sha256(f), bytes=f.stat().st_size) for f in sorted(tmp.iterdir())})
     _write_file(tmp/"checkpoint.json", lambda p: p.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
     _fsync(tmp)
-    if final.exists(): shutil.rmtree(final)
+    old = final.with_name(f".old_{final.name}")
+    if final.exists(): os.replace(final, old)  # set aside (not deleted) until the new one is in place
     os.replace(tmp, final)
     _fsync(parent)
+    if old.exists(): shutil.rmtree(old)
     return final
 
-# %% ../nbs/07_trainer.ipynb #0b500853
+# %% ../nbs/07_trainer.ipynb #e28602a5
 def verify_checkpoint(
     path: str | Path,  # a checkpoint folder (`.../checkpoints/step_N`)
 ) -> dict:  # its `checkpoint.json`
@@ -584,7 +586,7 @@ def find_checkpoint(
             errors.append(str(e)); _write(f"warning: {e} Falling back to an earlier checkpoint.")
     raise CheckpointError("No good checkpoint to fall back to: " + " ".join(errors))
 
-# %% ../nbs/07_trainer.ipynb #67441217
+# %% ../nbs/07_trainer.ipynb #0cba5e79
 def _shape_diff(model: nn.Module, path: Path) -> list[str]:
     "Differences between the tensors of `model` and those of the safetensors file `path`."
     from safetensors import safe_open
@@ -623,7 +625,7 @@ def load_checkpoint(self: Trainer,
     self.opt.load_state_dict(torch.load(path/"optimizer.pt", map_location=self.device, weights_only=True))
     st = torch.load(path/"state.pt", map_location="cpu", weights_only=True)
     self.sched.load_state_dict(st["scheduler"])
-    self.sched.lr_lambdas[0].total_steps = self.total_steps  # a longer (or shorter) run keeps its own length
+    _apply_optimiser_config(self)  # this run's optimiser settings win over the saved ones (a resume may lower the lr)
     self.scaler.load_state_dict(st["scaler"])
     self.step, self.epoch, self.batch_in_epoch, self.tokens_seen = st["step"], st["epoch"], st["batch_in_epoch"], st["tokens_seen"]
     if st["data"] is not None and hasattr(self.train_dl, "load_state_dict"): self.train_dl.load_state_dict(st["data"])
@@ -634,6 +636,15 @@ def load_checkpoint(self: Trainer,
     self.resumed_from = path
     return path
 
+def _apply_optimiser_config(t: Trainer):
+    "Set the hyperparameters, base learning rates and schedule of `t.opt_cfg` on a restored optimiser and scheduler."
+    fresh = create_optimiser(t.model, t.opt_cfg)  # no state yet: only its hyperparameters are used
+    for g, f in zip(t.opt.param_groups, fresh.param_groups):
+        g.update({k: v for k, v in f.items() if k not in ("params", "names")}, initial_lr=f["lr"])
+    t.sched.base_lrs = [g["initial_lr"] for g in t.opt.param_groups]
+    t.sched.lr_lambdas[0] = fn = LRSchedule(t.total_steps, warmup_steps_for(t.opt_cfg, t.total_steps), t.opt_cfg.min_lr_ratio, t.opt_cfg.schedule)
+    for g, base in zip(t.opt.param_groups, t.sched.base_lrs): g["lr"] = base * fn(t.sched.last_epoch)
+
 def _truncate_metrics(run_dir: Path, step: int):
     "Drop the rows logged after `step` (by a run that went on after its last checkpoint), atomically."
     for name in ("metrics.jsonl", "samples.jsonl"):
@@ -642,7 +653,7 @@ def _truncate_metrics(run_dir: Path, step: int):
         keep = [l for l in p.read_text(encoding="utf-8").splitlines() if l.strip() and json.loads(l)["step"] <= step]
         tmp = p.with_suffix(".tmp"); tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8"); os.replace(tmp, p)
 
-# %% ../nbs/07_trainer.ipynb #cf7446f8
+# %% ../nbs/07_trainer.ipynb #39fbbb5b
 def prune_checkpoints(
     path: str | Path,  # a run directory or its `checkpoints` folder
     keep_last: int = 2,  # keep the newest `keep_last` checkpoints
@@ -675,7 +686,7 @@ class CheckpointCB(Callback):
         if self.save_steps and t.step % self.save_steps == 0: self.save(t)
     def after_fit(self, t): self.save(t)
 
-# %% ../nbs/07_trainer.ipynb #e83ae28d
+# %% ../nbs/07_trainer.ipynb #eda50db8
 def default_callbacks(
     cfg: TrainerConfig | DictConfig | dict | None = None,  # the `trainer` config
 ) -> list[Callback]:
@@ -685,7 +696,7 @@ def default_callbacks(
            CheckpointCB(cfg.save_steps, cfg.keep_last, cfg.keep_best)]
     return cbs + ([ProgressCB()] if cfg.progress else []) + ([PlotCB()] if cfg.plot else [])
 
-# %% ../nbs/07_trainer.ipynb #40e5e805
+# %% ../nbs/07_trainer.ipynb #49e930b9
 def make_run_dir(
     output_dir: str | Path,  # parent of the experiment folders (e.g. `models/`)
     experiment_name: str,  # the experiment's folder

@@ -86,6 +86,13 @@ def test_typos_fail_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
+def test_data_errors_are_one_line(tmp_path):
+    (tmp_path/"short.txt").write_text("Too short.")
+    r = run(*cmd("pretrain"), "experiment=smoke", f"dataset.train={tmp_path/'short.txt'}", "dataset.validation=null",
+            f"trainer.output_dir={tmp_path/'models'}", "trainer.device=cpu")
+    assert r.returncode == 1 and "max_length" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_group_swaps_and_presets():
     c = validate_pretrain_config(compose_config("pretrain", ["optimiser=adamw_large_batch", "trainer/sampling=creative"]))
     assert (c.optimiser.lr, c.trainer.sampling.top_k) == (1.5e-3, 50)
