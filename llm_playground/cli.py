@@ -6,7 +6,7 @@
 __all__ = ['PretrainConfig', 'validate_pretrain_config', 'build_tokenizer', 'check_compatible', 'latest_run', 'config_diff',
            'resume_config', 'pretrain', 'pretrain_main', 'load_model', 'SampleConfig', 'sample', 'sample_main', 'main']
 
-# %% ../nbs/08_cli.ipynb #309d5e80
+# %% ../nbs/08_cli.ipynb #34f4b052
 import json, sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError, compose_config, get_device, hydra_main, resolve_root, seed_everything, validate_config
 from .dataloader import DatasetConfig, dataloaders_from_config
 from .inference_utils import generate_text, vocab_guard
+from .preprocess import atomic_write
 from .tokenizer import Tokenizer
 from .trainer import (CheckpointError, NonFiniteLossError, OptimiserConfig, Trainer, TrainerConfig,
                                     find_checkpoint, load_weights, make_run_dir)
 from .transformer import ModelConfig, Transformer, model_config
 
-# %% ../nbs/08_cli.ipynb #e67b28b8
+# %% ../nbs/08_cli.ipynb #25634087
 @dataclass
 class PretrainConfig:
     "Schema of `pretrain.yaml` (the tokenizer section is any `_target_` that builds a `Tokenizer`)."
@@ -50,7 +51,7 @@ def validate_pretrain_config(
     out["resume"] = cfg.get("resume")
     return OmegaConf.create(out)
 
-# %% ../nbs/08_cli.ipynb #2db58899
+# %% ../nbs/08_cli.ipynb #1921b12d
 def build_tokenizer(
     cfg: DictConfig | dict,  # a `tokenizer` section (`_target_` and arguments)
 ) -> Tokenizer:
@@ -79,7 +80,7 @@ def check_compatible(
         raise ConfigError(f"The data in {cfg.dataset.train} was tokenized with {man.get('tokenizer')} (vocab {man.get('vocab_size')}), "
                           f"but the tokenizer is {tokenizer.name} (vocab {V}): use the same tokenizer, or run lp_preprocess again.")
 
-# %% ../nbs/08_cli.ipynb #0ec2cefb
+# %% ../nbs/08_cli.ipynb #31df1058
 def latest_run(
     models_dir: str | Path | None = None,  # where runs are saved (default `${root:models}`)
 ) -> Path:  # the run directory holding the most recently written checkpoint
@@ -89,7 +90,7 @@ def latest_run(
     if not ckpts: raise CheckpointError(f"No trained run under {d}: train one with lp_pretrain, or name one with checkpoint=<run directory>.")
     return max(ckpts, key=lambda c: (c/"checkpoint.json").stat().st_mtime).parent.parent
 
-# %% ../nbs/08_cli.ipynb #3d5031fd
+# %% ../nbs/08_cli.ipynb #cac2e79b
 def config_diff(
     a: DictConfig | dict,  # one config (section)
     b: DictConfig | dict,  # another
@@ -129,7 +130,7 @@ def resume_config(
     if diffs: raise ConfigError(f"Cannot resume {ckpt} with a different model or tokenizer:\n  " + "\n  ".join(diffs))
     return validate_pretrain_config(new), ckpt
 
-# %% ../nbs/08_cli.ipynb #de103b8b
+# %% ../nbs/08_cli.ipynb #85490196
 def pretrain(
     cfg: DictConfig,  # a composed `pretrain` config (e.g. from `compose_config("pretrain", overrides)`)
     overrides: Sequence[str] = (),  # the overrides it was composed with (used when resuming)
@@ -145,7 +146,7 @@ def pretrain(
     model = Transformer(cfg.model)
     run_dir = ckpt.parent.parent if ckpt else make_run_dir(cfg.trainer.output_dir, cfg.trainer.experiment_name, cfg.trainer.seed)
     snapshot = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "resume"})
-    (run_dir/"config.yaml").write_text(OmegaConf.to_yaml(snapshot), encoding="utf-8")
+    atomic_write(run_dir/"config.yaml", OmegaConf.to_yaml(snapshot))
     trainer = Trainer(model, train_dl, valid_dl, cfg.trainer, cfg.optimiser, tokenizer=tokenizer, run_dir=run_dir)
     trainer.snapshot = snapshot
     if ckpt is not None: trainer.load_checkpoint(ckpt); print(f"Resuming {run_dir} from step {trainer.step} ({ckpt.name}).")
@@ -158,7 +159,7 @@ def pretrain(
     print(f"Sample from it: lp_sample checkpoint={run_dir} prompt=\"...\"   (or checkpoint=latest)")
     return trainer
 
-# %% ../nbs/08_cli.ipynb #f66fb6a5
+# %% ../nbs/08_cli.ipynb #33deed59
 _USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError)  # bad data or settings
 
 def _run_cli(f, cfg):
@@ -173,7 +174,7 @@ def pretrain_main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     _run_cli(lambda c: pretrain(c, list(HydraConfig.get().overrides.task)), cfg)
 
-# %% ../nbs/08_cli.ipynb #27e161ef
+# %% ../nbs/08_cli.ipynb #d33e8b5b
 def load_model(
     path: str | Path,  # a run directory (its latest checkpoint), a checkpoint folder, or `"latest"` (see `latest_run`)
     device: str = "auto",  # auto, cpu, cuda, cuda:N or mps
@@ -186,7 +187,7 @@ def load_model(
     model = load_weights(Transformer(cfg.model), ckpt).to(get_device(device)).eval()
     return model, build_tokenizer(cfg.tokenizer), cfg
 
-# %% ../nbs/08_cli.ipynb #e80b1725
+# %% ../nbs/08_cli.ipynb #6fe18ec3
 @dataclass
 class SampleConfig:
     "Schema of `sample.yaml`: which model, which prompts, how to sample."
@@ -246,7 +247,7 @@ def sample_main(cfg: DictConfig):
     "Console script `lp_sample`: generate text from a trained model."
     _run_cli(sample, cfg)
 
-# %% ../nbs/08_cli.ipynb #4d720bdf
+# %% ../nbs/08_cli.ipynb #4e657d5b
 _COMMANDS = dict(pretrain=pretrain_main, sample=sample_main)
 
 def main(argv: Sequence[str] | None = None):
@@ -257,6 +258,6 @@ def main(argv: Sequence[str] | None = None):
     sys.argv = [f"lp_{argv[1]}", *argv[2:]]
     _COMMANDS[argv[1]]()
 
-# %% ../nbs/08_cli.ipynb #d5000604
+# %% ../nbs/08_cli.ipynb #5fa89b07
 #| eval: false
 if __name__ == "__main__": main()

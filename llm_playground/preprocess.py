@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['DOC_BOUNDARIES', 'MANIFEST', 'SPLITS', 'FORMAT_VERSION', 'PreprocessError', 'read_shard', 'split_documents',
            'split_validation', 'token_dtype', 'encode_documents', 'atomic_write', 'load_manifest', 'memmap_tokens',
-           'find_shards', 'preprocess', 'PreprocessingConfig', 'PreprocessConfig', 'preprocess_from_config', 'main',
-           'reflow', 'python_docs_topics', 'write_python_docs', 'download_text', 'CorpusConfig', 'CorpusMainConfig',
-           'make_corpus', 'corpus_from_config', 'corpus_main']
+           'find_shards', 'file_sha256', 'preprocess', 'PreprocessingConfig', 'PreprocessConfig',
+           'preprocess_from_config', 'main', 'reflow', 'python_docs_topics', 'write_python_docs', 'download_text',
+           'CorpusConfig', 'CorpusMainConfig', 'make_corpus', 'corpus_from_config', 'corpus_main']
 
-# %% ../nbs/02_preprocess.ipynb #16b286a1
+# %% ../nbs/02_preprocess.ipynb #e4af5144
 import collections, hashlib, itertools, json, os, re, sys, textwrap, zlib
 import urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +24,11 @@ from tqdm import tqdm
 from .config import ConfigError, hydra_main, validate_config
 from .tokenizer import ENDOFTEXT, CharTokenizer, GPT2Tokenizer, Tokenizer
 
-# %% ../nbs/02_preprocess.ipynb #46f0cd66
+# %% ../nbs/02_preprocess.ipynb #01e0432a
 class PreprocessError(Exception):
     "The input of preprocessing (or a corpus download) is unusable; the message names the file and the fix."
 
-# %% ../nbs/02_preprocess.ipynb #d57a3f04
+# %% ../nbs/02_preprocess.ipynb #d3a8347b
 def read_shard(
     path: str | Path,  # a text file
     errors: str = "strict",  # `strict`: invalid UTF-8 is an error; `replace`: invalid bytes become U+FFFD
@@ -49,7 +49,7 @@ def _decode(data: bytes, path, errors: str, warn) -> str:
         if warn: warn(f"warning: {where}; invalid bytes replaced with U+FFFD.")
     return text.removeprefix("\ufeff")
 
-# %% ../nbs/02_preprocess.ipynb #4a5c88b0
+# %% ../nbs/02_preprocess.ipynb #72856020
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 DOC_BOUNDARIES = ("eot", "blank_line")
 
@@ -71,7 +71,7 @@ def split_documents(
     if boundary == "blank_line": parts = [p for part in parts for p in _PARAGRAPH_BREAK.split(part)]
     return [d for d in map(_trim, parts) if d]
 
-# %% ../nbs/02_preprocess.ipynb #63d8579c
+# %% ../nbs/02_preprocess.ipynb #f06d730c
 _LINE_BREAK = re.compile(r"\n")
 
 _NON_SPACE = re.compile(r"\S")
@@ -114,7 +114,7 @@ def split_validation(
     raise PreprocessError(f"too small for a validation split: it needs at least two lines of text (it has {n} characters). "
                           "Add text, merge it with another shard, or remove it.")
 
-# %% ../nbs/02_preprocess.ipynb #a612c4ac
+# %% ../nbs/02_preprocess.ipynb #45b9036d
 def token_dtype(
     vocab_size: int,  # number of distinct token ids
 ) -> np.dtype:  # `uint16` if every id fits in 16 bits, else `uint32`
@@ -193,7 +193,7 @@ def encode_documents(
     pool, threads = _encoders(num_threads)
     with pool: return _start_encoding(pool, [docs], tokenizer, batch_chars, threads, on_batch)()[0]
 
-# %% ../nbs/02_preprocess.ipynb #a53d5aae
+# %% ../nbs/02_preprocess.ipynb #eb48ce23
 def _tmp_path(path: Path) -> Path: return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 _TMP_RE = re.compile(r"^\..+\.\d+\.tmp$")
 
@@ -213,7 +213,7 @@ def atomic_write(
         tmp.unlink(missing_ok=True); raise
     return path
 
-# %% ../nbs/02_preprocess.ipynb #34b979d3
+# %% ../nbs/02_preprocess.ipynb #e48ab1e9
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 FORMAT_VERSION = 1
@@ -236,7 +236,7 @@ def memmap_tokens(
     dtype = (manifest or load_manifest(out_dir))["dtype"]
     return np.memmap(Path(out_dir)/split/f"{shard}.bin", dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
 
-# %% ../nbs/02_preprocess.ipynb #db1ba1f8
+# %% ../nbs/02_preprocess.ipynb #295ceeab
 _PREPARED_BUDGET = 2**27  # characters of validated shard text kept in memory between the check and the work
 
 def _settings(tok: Tokenizer, val_ratio, seed, doc_boundary, errors) -> dict:
@@ -281,8 +281,8 @@ def find_shards(
         raise PreprocessError(f"input_dir {inp} has no .txt files (found: {others}{', ...' if len(entries) > 5 else ''}). {hint}")
     return shards
 
-def _sha256(path: Path) -> str:
-    "Hex sha256 of a file, read in 1 MiB chunks."
+def file_sha256(path: str | Path) -> str:
+    "Hex sha256 of a file, read in 1 MiB chunks (also used to check checkpoints)."
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20): h.update(chunk)
@@ -336,7 +336,7 @@ def _clean_tmp(out: Path):
             for p in d.iterdir():
                 if _TMP_RE.match(p.name): p.unlink(missing_ok=True)
 
-# %% ../nbs/02_preprocess.ipynb #59a10249
+# %% ../nbs/02_preprocess.ipynb #e95e549e
 def _old_manifest(out: Path, say: Callable) -> dict | None:
     "The manifest of a previous run in `out`, if there is a usable one."
     if not (out/MANIFEST).exists(): return None
@@ -387,7 +387,7 @@ class _Pipeline:
         "Stop: drop queued encodings, let a started write finish."
         self.encoders.shutdown(cancel_futures=True); self.writer.shutdown()
 
-# %% ../nbs/02_preprocess.ipynb #2133112a
+# %% ../nbs/02_preprocess.ipynb #e7d1afb8
 def preprocess(
     input_dir: str | Path,  # folder of raw `.txt` shards
     out_dir: str | Path,  # where `train/`, `validation/` and `manifest.json` are written
@@ -454,7 +454,7 @@ def preprocess(
         f"{t['tokens']['train']:,} train + {t['tokens']['validation']:,} validation tokens ({dtype.name}) in {out}")
     return manifest
 
-# %% ../nbs/02_preprocess.ipynb #8adfdd72
+# %% ../nbs/02_preprocess.ipynb #77095b52
 @dataclass
 class PreprocessingConfig:
     "Schema of the `preprocessing` config group (the options of `preprocess`)."
@@ -503,7 +503,7 @@ def main(cfg: DictConfig):
     "Command line `lp_preprocess`: tokenize `input_dir` into `out_dir` (Hydra overrides as arguments)."
     _run_cli("lp_preprocess", preprocess_from_config, cfg)
 
-# %% ../nbs/02_preprocess.ipynb #9804f015
+# %% ../nbs/02_preprocess.ipynb #e0a6e794
 def _is_prose(lines: list[str]) -> bool:
     "Does a paragraph look like wrapped prose: no prompt, even continuation indentation, every line but the last long?"
     if len(lines) < 2 or lines[0].lstrip().startswith((">>>", "...", "$ ")): return False
@@ -522,7 +522,7 @@ def reflow(
         else: out.append(textwrap.dedent("\n".join(lines)))
     return "\n\n".join(out)
 
-# %% ../nbs/02_preprocess.ipynb #43078250
+# %% ../nbs/02_preprocess.ipynb #add4f383
 def python_docs_topics() -> dict[str, str]:
     "Python's built-in documentation topics (`pydoc_data.topics`): topic name → text, sorted by name."
     from pydoc_data.topics import topics
@@ -553,7 +553,7 @@ def write_python_docs(
             if verbose: print(f"{p}: removed (not part of the corpus any more)")
     return paths
 
-# %% ../nbs/02_preprocess.ipynb #c3eb326b
+# %% ../nbs/02_preprocess.ipynb #a63c342f
 def download_text(
     url: str,  # where to download from (`https://`, `http://` or `file://`)
     sha256: str,  # the expected sha256 of the file, in hex
@@ -563,7 +563,7 @@ def download_text(
 ) -> Path:  # `dest`
     "Download `url` to `dest` if its sha256 matches the pinned one; a mismatch raises `PreprocessError` and writes nothing."
     dest, want = Path(dest).expanduser(), sha256.strip().lower()
-    if dest.is_file() and _sha256(dest) == want:
+    if dest.is_file() and file_sha256(dest) == want:
         if verbose: print(f"{dest}: already present (sha256 ok)")
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -583,7 +583,7 @@ def download_text(
     if verbose: print(f"{dest}: downloaded {n:,} bytes from {url} (sha256 ok)")
     return dest
 
-# %% ../nbs/02_preprocess.ipynb #4e24ecfc
+# %% ../nbs/02_preprocess.ipynb #372b4d33
 @dataclass
 class CorpusConfig:
     "Schema of a `corpus` config: a built-in source or a pinned download."

@@ -11,8 +11,8 @@ __all__ = ['CKPT_DELAY_ENV', 'lm_loss', 'param_groups', 'OptimiserConfig', 'crea
            'list_checkpoints', 'find_checkpoint', 'load_weights', 'prune_checkpoints', 'CheckpointCB',
            'default_callbacks', 'make_run_dir']
 
-# %% ../nbs/07_trainer.ipynb #e20937f2
-import dataclasses, hashlib, json, math, os, random, shutil, time
+# %% ../nbs/07_trainer.ipynb #7513e220
+import dataclasses, json, math, os, random, shutil, time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, get_device, seed_everything, validate_config
 from .inference_utils import generate_text
+from .preprocess import atomic_write, file_sha256
 
-# %% ../nbs/07_trainer.ipynb #b120f03f
+# %% ../nbs/07_trainer.ipynb #b75bc9f2
 def lm_loss(
     logits: torch.Tensor,  # `[B, T, V]` next-token logits
     targets: torch.Tensor,  # `[B, T]` the true next tokens
@@ -38,7 +39,7 @@ def lm_loss(
     "Next-token cross-entropy, averaged over every position of the batch."
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-# %% ../nbs/07_trainer.ipynb #6d24bdf1
+# %% ../nbs/07_trainer.ipynb #167fc293
 def _no_decay_module(m: nn.Module) -> bool:
     "Is `m` an embedding or a normalisation layer (whose weights are not decayed)?"
     return isinstance(m, nn.Embedding) or "norm" in type(m).__name__.lower()
@@ -59,7 +60,7 @@ def param_groups(
             ps.append(p); names.append(name)
     return [dict(params=groups[d][0], names=groups[d][1], weight_decay=weight_decay if d else 0.0) for d in (True, False)]
 
-# %% ../nbs/07_trainer.ipynb #e5690cd8
+# %% ../nbs/07_trainer.ipynb #0ea627f6
 @dataclass
 class OptimiserConfig:
     "Schema of the `optimiser` config group: the optimiser and its learning-rate schedule."
@@ -81,7 +82,7 @@ def _as_config(cfg, schema, where):
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type): cfg = OmegaConf.structured(cfg)
     return validate_config(cfg, schema, where)
 
-# %% ../nbs/07_trainer.ipynb #d4d00833
+# %% ../nbs/07_trainer.ipynb #04af90a6
 def create_optimiser(
     model: nn.Module,  # the model to train
     cfg: OptimiserConfig | DictConfig | dict | None = None,  # the `optimiser` config (default: AdamW defaults)
@@ -93,7 +94,7 @@ def create_optimiser(
     if cfg.name == "sgd": return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     raise ConfigError(f"Unknown optimiser.name '{cfg.name}': use adamw or sgd.")
 
-# %% ../nbs/07_trainer.ipynb #f6180186
+# %% ../nbs/07_trainer.ipynb #d9bd7937
 class LRSchedule:
     "Learning-rate multiplier: linear warmup to 1, then cosine (or linear, or constant) decay to `min_ratio`."
     def __init__(self,
@@ -114,7 +115,7 @@ class LRSchedule:
 
     def __repr__(self): return f"LRSchedule({self.kind}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, min_ratio={self.min_ratio})"
 
-# %% ../nbs/07_trainer.ipynb #8bd6d172
+# %% ../nbs/07_trainer.ipynb #cf4da914
 def warmup_steps_for(
     cfg: OptimiserConfig | DictConfig,  # the `optimiser` config
     total_steps: int,  # optimiser steps of the whole run
@@ -132,7 +133,7 @@ def create_scheduler(
     fn = LRSchedule(total_steps, warmup_steps_for(cfg, total_steps), cfg.min_lr_ratio, cfg.schedule)
     return torch.optim.lr_scheduler.LambdaLR(opt, fn)
 
-# %% ../nbs/07_trainer.ipynb #a745acfc
+# %% ../nbs/07_trainer.ipynb #4dac2474
 class Callback:
     "Base class of `Trainer` callbacks: define methods named after events (`before_fit`, `after_step`, ...)."
     order: int = 0  # callbacks run in increasing `order`
@@ -147,7 +148,7 @@ def run_cbs(
         method = getattr(cb, event, None)
         if method is not None: method(trainer)
 
-# %% ../nbs/07_trainer.ipynb #ef9457da
+# %% ../nbs/07_trainer.ipynb #1ec6be49
 class CancelFitException(Exception): "Raise in a callback to stop training (cleanly: `cleanup_fit` still runs)."
 class CancelEpochException(Exception): "Raise in a callback to skip the rest of the epoch."
 class CancelStepException(Exception): "Raise in a callback to skip the rest of the optimiser step."
@@ -167,7 +168,7 @@ class with_cbs:
             finally: o.callback(f"cleanup_{self.name}")
         return _f
 
-# %% ../nbs/07_trainer.ipynb #b9ba7204
+# %% ../nbs/07_trainer.ipynb #3cc90b8e
 @dataclass
 class SamplingConfig:
     "Schema of `trainer.sampling`: text generated from a few prompts during training."
@@ -207,7 +208,7 @@ class TrainerConfig:
     plot: bool = True  # save loss.png in the run directory
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
-# %% ../nbs/07_trainer.ipynb #c5318259
+# %% ../nbs/07_trainer.ipynb #819879ed
 def resolve_precision(
     precision: str,  # fp32, bf16, fp16 or auto
     device: torch.device,  # where training runs
@@ -220,7 +221,7 @@ def resolve_precision(
     if device.type == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if device.type == "cpu" else "fp32"
 
-# %% ../nbs/07_trainer.ipynb #d9678d86
+# %% ../nbs/07_trainer.ipynb #10e3a0dc
 class NonFiniteLossError(RuntimeError):
     "The training loss became NaN or infinite."
 
@@ -299,7 +300,7 @@ class Trainer:
         self.sched.step()
         self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + n
 
-# %% ../nbs/07_trainer.ipynb #25e8959d
+# %% ../nbs/07_trainer.ipynb #3ef6cb57
 @patch
 def _step_batches(self: Trainer):
     "Groups of micro-batches, one group per optimiser step, for the rest of the current epoch."
@@ -317,7 +318,7 @@ def _step_batches(self: Trainer):
         yield [next(it) for _ in range(k)]
         remaining -= k
 
-# %% ../nbs/07_trainer.ipynb #373453ae
+# %% ../nbs/07_trainer.ipynb #7f4fff1d
 @patch
 def log(self: Trainer, **metrics):
     "Record a row of metrics (with step, epoch and time) in `history` and in run_dir/metrics.jsonl."
@@ -349,7 +350,7 @@ class MetricsCB(Callback):
                   tokens=t.tokens_seen, tokens_per_s=round((t.tokens_seen - self.tok0) / max(dt, 1e-9), 1))
             self._reset(t)
 
-# %% ../nbs/07_trainer.ipynb #ba10caa7
+# %% ../nbs/07_trainer.ipynb #7f8342f9
 def _fork_rng(device: torch.device):
     "A context that restores the torch random state of the CPU (and of `device`, if CUDA) on exit."
     return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
@@ -386,7 +387,7 @@ class EvalCB(Callback):
         if (self.eval_steps and t.step % self.eval_steps == 0) or t.done: self._eval(t)
     def after_epoch(self, t): self._eval(t)
 
-# %% ../nbs/07_trainer.ipynb #e12c1cce
+# %% ../nbs/07_trainer.ipynb #db76b169
 class SampleCB(Callback):
     "Generate text from the sampling prompts every `every_n_steps` steps and/or every epoch; print and save it."
     order = 30
@@ -416,7 +417,7 @@ class SampleCB(Callback):
 
 def _write(s: str): tqdm.write(s)
 
-# %% ../nbs/07_trainer.ipynb #34673ebb
+# %% ../nbs/07_trainer.ipynb #08681e82
 class ProgressCB(Callback):
     "A progress bar over the optimiser steps, showing the loss; evaluation results printed above it."
     order = 50
@@ -431,7 +432,7 @@ class ProgressCB(Callback):
         self._seen = len(t.history)
     def cleanup_fit(self, t): self.bar.close()
 
-# %% ../nbs/07_trainer.ipynb #26298268
+# %% ../nbs/07_trainer.ipynb #794d2b66
 def plot_metrics(
     rows: Sequence[dict] | str | Path,  # logged rows (`Trainer.history`), or a run directory
     path: str | Path | None = None,  # save the figure here (e.g. run_dir/loss.png)
@@ -469,7 +470,7 @@ class PlotCB(Callback):
     def plot(self, t):
         if t.run_dir is not None and t.history: plot_metrics(t.history, t.run_dir/"loss.png", show=False)
 
-# %% ../nbs/07_trainer.ipynb #c2a2fc46
+# %% ../nbs/07_trainer.ipynb #6e38111d
 def rng_state() -> dict:
     "The state of Python's, NumPy's and torch's (CPU and CUDA) random number generators."
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -486,17 +487,11 @@ def set_rng_state(
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
 
-# %% ../nbs/07_trainer.ipynb #9a45f2db
+# %% ../nbs/07_trainer.ipynb #336a66eb
 CKPT_DELAY_ENV = "LLM_PLAYGROUND_CKPT_DELAY"
 
 class CheckpointError(RuntimeError):
     "A checkpoint is missing, incomplete or corrupt, or does not fit the model."
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
 
 def _fsync(path: Path):
     "Flush `path` (a file or folder) to disk."
@@ -531,7 +526,7 @@ def save_checkpoint(self: Trainer,
     ev = getattr(self, "last_eval", None)
     meta = dict(format=1, step=self.step, epoch=self.epoch, tokens_seen=self.tokens_seen,
                 val_loss=ev["val_loss"] if ev and ev["step"] == self.step else None, created=datetime.now().isoformat(timespec="seconds"),
-                files={f.name: dict(sha256=_sha256(f), bytes=f.stat().st_size) for f in sorted(tmp.iterdir())})
+                files={f.name: dict(sha256=file_sha256(f), bytes=f.stat().st_size) for f in sorted(tmp.iterdir())})
     _write_file(tmp/"checkpoint.json", lambda p: p.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
     _fsync(tmp)
     old = final.with_name(f".old_{final.name}")
@@ -541,7 +536,7 @@ def save_checkpoint(self: Trainer,
     if old.exists(): shutil.rmtree(old)
     return final
 
-# %% ../nbs/07_trainer.ipynb #e28602a5
+# %% ../nbs/07_trainer.ipynb #d312c658
 def verify_checkpoint(
     path: str | Path,  # a checkpoint folder (`.../checkpoints/step_N`)
 ) -> dict:  # its `checkpoint.json`
@@ -555,7 +550,7 @@ def verify_checkpoint(
         f = path/name
         if not f.is_file(): raise CheckpointError(f"Corrupt checkpoint: {f} is missing.")
         if f.stat().st_size != info["bytes"]: raise CheckpointError(f"Corrupt checkpoint: {f} has {f.stat().st_size} bytes, expected {info['bytes']} (truncated?).")
-        if _sha256(f) != info["sha256"]: raise CheckpointError(f"Corrupt checkpoint: the sha256 of {f} does not match checkpoint.json.")
+        if file_sha256(f) != info["sha256"]: raise CheckpointError(f"Corrupt checkpoint: the sha256 of {f} does not match checkpoint.json.")
     return meta
 
 def list_checkpoints(
@@ -586,7 +581,7 @@ def find_checkpoint(
             errors.append(str(e)); _write(f"warning: {e} Falling back to an earlier checkpoint.")
     raise CheckpointError("No good checkpoint to fall back to: " + " ".join(errors))
 
-# %% ../nbs/07_trainer.ipynb #0cba5e79
+# %% ../nbs/07_trainer.ipynb #a20b17ef
 def _shape_diff(model: nn.Module, path: Path) -> list[str]:
     "Differences between the tensors of `model` and those of the safetensors file `path`."
     from safetensors import safe_open
@@ -651,9 +646,9 @@ def _truncate_metrics(run_dir: Path, step: int):
         p = Path(run_dir)/name
         if not p.exists(): continue
         keep = [l for l in p.read_text(encoding="utf-8").splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        tmp = p.with_suffix(".tmp"); tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8"); os.replace(tmp, p)
+        atomic_write(p, "".join(l + "\n" for l in keep))
 
-# %% ../nbs/07_trainer.ipynb #39fbbb5b
+# %% ../nbs/07_trainer.ipynb #33b75508
 def prune_checkpoints(
     path: str | Path,  # a run directory or its `checkpoints` folder
     keep_last: int = 2,  # keep the newest `keep_last` checkpoints
@@ -686,7 +681,7 @@ class CheckpointCB(Callback):
         if self.save_steps and t.step % self.save_steps == 0: self.save(t)
     def after_fit(self, t): self.save(t)
 
-# %% ../nbs/07_trainer.ipynb #eda50db8
+# %% ../nbs/07_trainer.ipynb #29716a73
 def default_callbacks(
     cfg: TrainerConfig | DictConfig | dict | None = None,  # the `trainer` config
 ) -> list[Callback]:
@@ -696,7 +691,7 @@ def default_callbacks(
            CheckpointCB(cfg.save_steps, cfg.keep_last, cfg.keep_best)]
     return cbs + ([ProgressCB()] if cfg.progress else []) + ([PlotCB()] if cfg.plot else [])
 
-# %% ../nbs/07_trainer.ipynb #49e930b9
+# %% ../nbs/07_trainer.ipynb #d61d92a9
 def make_run_dir(
     output_dir: str | Path,  # parent of the experiment folders (e.g. `models/`)
     experiment_name: str,  # the experiment's folder
