@@ -9,7 +9,7 @@ __all__ = ['DOC_BOUNDARIES', 'MANIFEST', 'SPLITS', 'FORMAT_VERSION', 'Preprocess
            'preprocess_from_config', 'main', 'reflow', 'python_docs_topics', 'write_python_docs', 'download_text',
            'CorpusConfig', 'CorpusMainConfig', 'make_corpus', 'corpus_from_config', 'corpus_main']
 
-# %% ../nbs/02_preprocess.ipynb #e4af5144
+# %% ../nbs/02_preprocess.ipynb #8627a67b
 import collections, hashlib, itertools, json, os, re, sys, textwrap, zlib
 import urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -22,13 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .config import ConfigError, hydra_main, validate_config
-from .tokenizer import ENDOFTEXT, CharTokenizer, GPT2Tokenizer, Tokenizer
+from .tokenizer import ENDOFTEXT, CharTokenizer, GPT2Tokenizer, Tokenizer, build_tokenizer
 
-# %% ../nbs/02_preprocess.ipynb #01e0432a
+# %% ../nbs/02_preprocess.ipynb #d9a0e56a
 class PreprocessError(Exception):
     "The input of preprocessing (or a corpus download) is unusable; the message names the file and the fix."
 
-# %% ../nbs/02_preprocess.ipynb #d3a8347b
+# %% ../nbs/02_preprocess.ipynb #da04d574
 def read_shard(
     path: str | Path,  # a text file
     errors: str = "strict",  # `strict`: invalid UTF-8 is an error; `replace`: invalid bytes become U+FFFD
@@ -49,7 +49,7 @@ def _decode(data: bytes, path, errors: str, warn) -> str:
         if warn: warn(f"warning: {where}; invalid bytes replaced with U+FFFD.")
     return text.removeprefix("\ufeff")
 
-# %% ../nbs/02_preprocess.ipynb #72856020
+# %% ../nbs/02_preprocess.ipynb #b11d158b
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 DOC_BOUNDARIES = ("eot", "blank_line")
 
@@ -71,7 +71,7 @@ def split_documents(
     if boundary == "blank_line": parts = [p for part in parts for p in _PARAGRAPH_BREAK.split(part)]
     return [d for d in map(_trim, parts) if d]
 
-# %% ../nbs/02_preprocess.ipynb #f06d730c
+# %% ../nbs/02_preprocess.ipynb #6056c47e
 _LINE_BREAK = re.compile(r"\n")
 
 _NON_SPACE = re.compile(r"\S")
@@ -114,7 +114,7 @@ def split_validation(
     raise PreprocessError(f"too small for a validation split: it needs at least two lines of text (it has {n} characters). "
                           "Add text, merge it with another shard, or remove it.")
 
-# %% ../nbs/02_preprocess.ipynb #45b9036d
+# %% ../nbs/02_preprocess.ipynb #aa2eb6fd
 def token_dtype(
     vocab_size: int,  # number of distinct token ids
 ) -> np.dtype:  # `uint16` if every id fits in 16 bits, else `uint32`
@@ -193,7 +193,7 @@ def encode_documents(
     pool, threads = _encoders(num_threads)
     with pool: return _start_encoding(pool, [docs], tokenizer, batch_chars, threads, on_batch)()[0]
 
-# %% ../nbs/02_preprocess.ipynb #eb48ce23
+# %% ../nbs/02_preprocess.ipynb #b0c16043
 def _tmp_path(path: Path) -> Path: return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 _TMP_RE = re.compile(r"^\..+\.\d+\.tmp$")
 
@@ -213,7 +213,7 @@ def atomic_write(
         tmp.unlink(missing_ok=True); raise
     return path
 
-# %% ../nbs/02_preprocess.ipynb #e48ab1e9
+# %% ../nbs/02_preprocess.ipynb #eb4b6c4e
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 FORMAT_VERSION = 1
@@ -236,7 +236,7 @@ def memmap_tokens(
     dtype = (manifest or load_manifest(out_dir))["dtype"]
     return np.memmap(Path(out_dir)/split/f"{shard}.bin", dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
 
-# %% ../nbs/02_preprocess.ipynb #295ceeab
+# %% ../nbs/02_preprocess.ipynb #fcdac2c0
 _PREPARED_BUDGET = 2**27  # characters of validated shard text kept in memory between the check and the work
 
 def _settings(tok: Tokenizer, val_ratio, seed, doc_boundary, errors) -> dict:
@@ -336,7 +336,7 @@ def _clean_tmp(out: Path):
             for p in d.iterdir():
                 if _TMP_RE.match(p.name): p.unlink(missing_ok=True)
 
-# %% ../nbs/02_preprocess.ipynb #e95e549e
+# %% ../nbs/02_preprocess.ipynb #e8bb7d4a
 def _old_manifest(out: Path, say: Callable) -> dict | None:
     "The manifest of a previous run in `out`, if there is a usable one."
     if not (out/MANIFEST).exists(): return None
@@ -387,7 +387,7 @@ class _Pipeline:
         "Stop: drop queued encodings, let a started write finish."
         self.encoders.shutdown(cancel_futures=True); self.writer.shutdown()
 
-# %% ../nbs/02_preprocess.ipynb #e7d1afb8
+# %% ../nbs/02_preprocess.ipynb #b662a3a3
 def preprocess(
     input_dir: str | Path,  # folder of raw `.txt` shards
     out_dir: str | Path,  # where `train/`, `validation/` and `manifest.json` are written
@@ -454,7 +454,7 @@ def preprocess(
         f"{t['tokens']['train']:,} train + {t['tokens']['validation']:,} validation tokens ({dtype.name}) in {out}")
     return manifest
 
-# %% ../nbs/02_preprocess.ipynb #77095b52
+# %% ../nbs/02_preprocess.ipynb #20c19d6d
 @dataclass
 class PreprocessingConfig:
     "Schema of the `preprocessing` config group (the options of `preprocess`)."
@@ -473,22 +473,19 @@ class PreprocessConfig:
     "Schema of `preprocess.yaml`, the config of `lp_preprocess`."
     input_dir: str = "???"  # folder of raw `.txt` shards
     out_dir: str = "???"  # where the outputs go
-    tokenizer: Any = None  # a `_target_` config, built with `hydra.utils.instantiate`
+    tokenizer: Any = None  # a `_target_` config, built with `build_tokenizer`
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
 
 def preprocess_from_config(
     cfg: DictConfig,  # a composed `preprocess` config
 ) -> dict:  # the manifest
     "Validate `cfg` and run `preprocess` with it."
-    import hydra.utils
     cfg = validate_config(cfg, PreprocessConfig)
     opts = OmegaConf.to_container(cfg.preprocessing)
     _check_options(**{k: opts[k] for k in ("val_ratio", "doc_boundary", "errors", "batch_chars", "num_threads")})
     if cfg.tokenizer is None: raise ConfigError("No tokenizer configured: set tokenizer=gpt2 or tokenizer=char.")
-    def build_tokenizer():  # called by `preprocess` once the input is checked: errors in the input come first, and fast
-        try: return hydra.utils.instantiate(cfg.tokenizer)
-        except Exception as e: raise ConfigError(f"Could not build the tokenizer {OmegaConf.to_container(cfg.tokenizer)}: {e}") from None
-    return preprocess(cfg.input_dir, cfg.out_dir, build_tokenizer, **opts)
+    # built by `preprocess` once the input is checked: errors in the input come first, and fast
+    return preprocess(cfg.input_dir, cfg.out_dir, lambda: build_tokenizer(cfg.tokenizer), **opts)
 
 def _run_cli(prog: str, fn: Callable, cfg: DictConfig):
     "Run `fn(cfg)`; print expected errors as one line (no traceback) and exit non-zero."
@@ -503,7 +500,7 @@ def main(cfg: DictConfig):
     "Command line `lp_preprocess`: tokenize `input_dir` into `out_dir` (Hydra overrides as arguments)."
     _run_cli("lp_preprocess", preprocess_from_config, cfg)
 
-# %% ../nbs/02_preprocess.ipynb #e0a6e794
+# %% ../nbs/02_preprocess.ipynb #8be8e758
 def _is_prose(lines: list[str]) -> bool:
     "Does a paragraph look like wrapped prose: no prompt, even continuation indentation, every line but the last long?"
     if len(lines) < 2 or lines[0].lstrip().startswith((">>>", "...", "$ ")): return False
@@ -522,7 +519,7 @@ def reflow(
         else: out.append(textwrap.dedent("\n".join(lines)))
     return "\n\n".join(out)
 
-# %% ../nbs/02_preprocess.ipynb #add4f383
+# %% ../nbs/02_preprocess.ipynb #d2bd6126
 def python_docs_topics() -> dict[str, str]:
     "Python's built-in documentation topics (`pydoc_data.topics`): topic name → text, sorted by name."
     from pydoc_data.topics import topics
@@ -553,7 +550,7 @@ def write_python_docs(
             if verbose: print(f"{p}: removed (not part of the corpus any more)")
     return paths
 
-# %% ../nbs/02_preprocess.ipynb #a63c342f
+# %% ../nbs/02_preprocess.ipynb #033a103e
 def download_text(
     url: str,  # where to download from (`https://`, `http://` or `file://`)
     sha256: str,  # the expected sha256 of the file, in hex
@@ -583,7 +580,7 @@ def download_text(
     if verbose: print(f"{dest}: downloaded {n:,} bytes from {url} (sha256 ok)")
     return dest
 
-# %% ../nbs/02_preprocess.ipynb #372b4d33
+# %% ../nbs/02_preprocess.ipynb #0735b6ea
 @dataclass
 class CorpusConfig:
     "Schema of a `corpus` config: a built-in source or a pinned download."
