@@ -214,7 +214,7 @@ def test_presets_yaml_and_param_counts():
 
 def test_model_group_composes_with_hydra():
     "The packaged `model` group is found by Hydra (as a trainer config's `defaults: [model: tiny]` would)."
-    cfg = compose_config("preprocess", ["+model=gpt2_355m", "model.context_length=512"])
+    cfg = compose_config("pretrain", ["model=gpt2_355m", "model.context_length=512"])
     m = model_config(cfg.model)
     assert (m.n_layers, m.emb_dim, m.n_heads, m.context_length) == (24, 1024, 16, 512)
 
