@@ -17,7 +17,8 @@ preprocess to each bare variant (target >= 0.8).
 import argparse, os, sys, tempfile, time
 from pathlib import Path
 
-from llm_playground.preprocess import ENDOFTEXT, _cpu_count, preprocess, python_docs_topics, split_documents
+from llm_playground.corpus import python_docs_topics
+from llm_playground.preprocess import ENDOFTEXT, _cpu_count, preprocess, split_documents
 from llm_playground.tokenizer import GPT2Tokenizer, gpt2_encoding
 
 

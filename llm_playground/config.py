@@ -62,7 +62,7 @@ def config_dir() -> Path:
 
 # %% ../nbs/00_config.ipynb #3a1c9e02
 SCHEMAS = {  # primary config -> "module:dataclass" of its schema
-    "corpus": "llm_playground.preprocess:CorpusMainConfig",
+    "corpus": "llm_playground.corpus:CorpusMainConfig",
     "preprocess": "llm_playground.preprocess:PreprocessConfig",
     "pretrain": "llm_playground.cli:PretrainConfig",
     "sample": "llm_playground.cli:SampleConfig",

@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 
 from llm_playground.config import compose_config
-from llm_playground.preprocess import python_docs_topics, reflow, split_documents
+from llm_playground.corpus import python_docs_topics, reflow
+from llm_playground.preprocess import split_documents
 
 
 def cli(prog: str, *args: str) -> subprocess.CompletedProcess:
     "Run a console script of this package (the installed one, else the same entry point through `python -c`)."
     exe = Path(sys.executable).parent/prog
-    fn = {"lp_preprocess": "main", "lp_corpus": "corpus_main"}[prog]
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", f"from llm_playground.preprocess import {fn}; {fn}()"]
+    mod, fn = {"lp_preprocess": ("preprocess", "main"), "lp_corpus": ("corpus", "corpus_main")}[prog]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", f"from llm_playground.{mod} import {fn}; {fn}()"]
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -94,7 +95,7 @@ def test_download_unreachable(runs):
 
 def test_bad_config(tmp_path):
     from llm_playground.config import ConfigError
-    from llm_playground.preprocess import corpus_from_config
+    from llm_playground.corpus import corpus_from_config
     for override, needle in [("corpus.num_shards=0", "num_shards"), ("corpus.source=ftp", "python_docs or url"),
                              ("corpus.num_shards=many", "corpus.num_shards")]:
         with pytest.raises(ConfigError, match=needle):

@@ -7,15 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_playground.preprocess import load_manifest, preprocess, write_python_docs
+from llm_playground.corpus import write_python_docs
+from llm_playground.preprocess import load_manifest, preprocess
 from llm_playground.tokenizer import ENDOFTEXT, GPT2Tokenizer, gpt2_encoding
 
 
 def cli_cmd(prog: str, *args) -> list[str]:
     "Command line of a console script of this package (the installed one, else the same entry point through `python -c`)."
     exe = Path(sys.executable).parent/prog
-    fn = {"lp_preprocess": "main", "lp_corpus": "corpus_main"}[prog]
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", f"from llm_playground.preprocess import {fn}; {fn}()"]
+    mod, fn = {"lp_preprocess": ("preprocess", "main"), "lp_corpus": ("corpus", "corpus_main")}[prog]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", f"from llm_playground.{mod} import {fn}; {fn}()"]
     return [*cmd, *map(str, args)]
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -166,7 +167,7 @@ def test_bad_input(bad, case):
     cases, before, results = bad
     _, needles, out_dir = cases[case]
     r = results[case]
-    assert r.returncode != 0, r.stdout
+    assert r.returncode == (2 if case == "config_value" else 1), (r.returncode, r.stdout, r.stderr)  # 2: a config error
     assert "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("lp_preprocess: error:"), r.stderr
     for n in needles: assert n in r.stderr, (n, r.stderr)
