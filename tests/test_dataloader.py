@@ -238,6 +238,8 @@ def processed_dir(root: Path) -> Path:
 
 
 def test_default_config_validates_and_composes():
+    assert OmegaConf.to_container(OmegaConf.load(config_dir()/"dataset"/"default.yaml")) == {}   # a comment: the schema holds the defaults
+    assert OmegaConf.to_container(compose_config("pretrain").dataset) == OmegaConf.to_container(OmegaConf.structured(DatasetConfig))
     cfg = validate_config(OmegaConf.load(config_dir()/"dataset"/"default.yaml"), DatasetConfig, where="dataset")
     assert cfg.train.endswith("data/processed/train") and Path(cfg.train).is_absolute()
     assert (cfg.max_length, cfg.stride, cfg.shuffle, cfg.drop_last, cfg.pin_memory) == (256, None, True, True, None)
