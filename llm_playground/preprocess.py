@@ -324,6 +324,36 @@ def _remove_outputs(out: Path, name: str):
     for s in SPLITS:
         for ext in (".bin", ".txt"): (out/s/f"{name}{ext}").unlink(missing_ok=True)
 
+# %% ../nbs/02b_preprocess.ipynb #b2c0e072
+def _check_shards(paths: list[Path], val_ratio, seed, errors) -> list[tuple[Path, str, list[str]]]:
+    "Check every shard (read, decode, split) before anything is written: (path, sha256, warnings) of each."
+    checked = []
+    for p in paths:
+        data, warns = p.read_bytes(), []
+        _prepare(p, data, val_ratio, seed, errors, warns.append)
+        checked.append((p, hashlib.sha256(data).hexdigest(), warns))
+    return checked
+
+# %% ../nbs/02b_preprocess.ipynb #b2c0e076
+def _unchanged(checked: list, old: dict | None, settings: dict, out: Path, itemsize: int) -> dict:
+    "The manifest entries of the checked shards that are up to date: same settings, same sha256, outputs complete."
+    if not old or any(old.get(k) != v for k, v in settings.items()): return {}
+    return {p.stem: e for p, sha, _ in checked if (e := old["shards"].get(p.stem)) and e.get("sha256") == sha
+            and _outputs_ok(out, p.stem, e, itemsize)}
+
+# %% ../nbs/02b_preprocess.ipynb #b2c0e079
+def _write_shards(todo: list[Path], out: Path, tok: Tokenizer, shards: dict, settings: dict, say: Callable, bar: tqdm, **opts):
+    "Process the shards of `todo` in order into `out`, adding each to `shards` and the manifest once its files are written."
+    writer, written, done = ThreadPoolExecutor(1), None, 0
+    try:
+        for p in todo:
+            files, entry = _process_shard(p, out, tok, **opts, on_batch=lambda chars, _: bar.update(chars))
+            done += entry["bytes"]; bar.update(max(0, done - bar.n))
+            if written: written.result()  # the previous shard is on disk (or its error is raised here)
+            written = writer.submit(_commit, out, files, p.stem, entry, shards, settings, say)
+        if written: written.result()
+    finally: writer.shutdown()
+
 # %% ../nbs/02b_preprocess.ipynb #b662a3a3
 def preprocess(
     input_dir: str | Path,  # folder of raw `.txt` shards
@@ -343,17 +373,11 @@ def preprocess(
     _check_options(val_ratio, doc_boundary, errors, batch_chars, num_threads)
     say = (lambda m: tqdm.write(m, file=sys.stdout)) if verbose else (lambda m: None)
     paths, out = find_shards(input_dir, out_dir), Path(out_dir).expanduser().resolve()
-    checked = []  # 1. check every shard; nothing is written before all have passed
-    for p in paths:
-        data, warns = p.read_bytes(), []
-        _prepare(p, data, val_ratio, seed, errors, warns.append)
-        checked.append((p, hashlib.sha256(data).hexdigest(), warns))
+    checked = _check_shards(paths, val_ratio, seed, errors)  # 1. check: nothing is written before every shard has passed
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer() if callable(tokenizer) else GPT2Tokenizer()
     settings, dtype = _settings(tok, val_ratio, seed, doc_boundary, errors), token_dtype(tok.vocab_size)
     old = _old_manifest(out, say)
-    old_shards = (old or {}).get("shards", {}) if old and all(old.get(k) == v for k, v in settings.items()) else {}
-    kept = {p.stem: e for p, sha, _ in checked if not force and (e := old_shards.get(p.stem)) and e.get("sha256") == sha
-            and _outputs_ok(out, p.stem, e, dtype.itemsize)}
+    kept = {} if force else _unchanged(checked, old, settings, out, dtype.itemsize)
     todo = [p for p, _, _ in checked if p.stem not in kept]
     removed = sorted(set((old or {}).get("shards", {})) - {p.stem for p in paths})
     if kept: say(f"unchanged, skipped: {', '.join(f'{n}.txt' for n in list(kept)[:10])}{f' and {len(kept) - 10} more' if len(kept) > 10 else ''}")
@@ -366,20 +390,11 @@ def preprocess(
     shards = dict(kept)
     atomic_write(out/MANIFEST, json.dumps(_manifest(settings, shards), indent=1))
     for name in removed: _remove_outputs(out, name); say(f"{name}.txt: no longer in input_dir, outputs removed")
-    bar = tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc="tokenizing",
-               disable=(not progress) or None, file=sys.stderr)
-    writer, written, done = ThreadPoolExecutor(1), None, 0  # writes (and their waits for the disk) overlap the next shard's tokenizing
-    try:
-        for p in todo:
-            files, entry = _process_shard(p, out, tok, val_ratio, seed, doc_boundary, errors, batch_chars, num_threads,
-                                          lambda chars, _: bar.update(chars))
-            done += entry["bytes"]; bar.update(max(0, done - bar.n))
-            if written: written.result()  # the previous shard is on disk (or its error is raised here)
-            written = writer.submit(_commit, out, files, p.stem, entry, shards, settings, say)
-        if written: written.result()
-    finally: writer.shutdown(); bar.close()  # after Ctrl-C, a started write finishes: the manifest stays consistent
-    manifest = _manifest(settings, shards)
-    t = manifest["totals"]
+    with tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc="tokenizing",
+              disable=(not progress) or None, file=sys.stderr) as bar:
+        _write_shards(todo, out, tok, shards, settings, say, bar, val_ratio=val_ratio, seed=seed, doc_boundary=doc_boundary,
+                      errors=errors, batch_chars=batch_chars, num_threads=num_threads)
+    t = (manifest := _manifest(settings, shards))["totals"]
     say(f"{len(todo)} shard(s) processed, {len(kept)} unchanged, {len(removed)} removed; "
         f"{t['tokens']['train']:,} train + {t['tokens']['validation']:,} validation tokens ({dtype.name}) in {out}")
     return manifest
