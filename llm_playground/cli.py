@@ -22,7 +22,6 @@ from .tokenizer import Tokenizer, build_tokenizer
 from .optimiser import OptimiserConfig
 from .trainer import NonFiniteLossError, Trainer, TrainerConfig
 from .checkpoint import CheckpointError, find_checkpoint, load_weights, make_run_dir
-from .utils import atomic_write
 from .transformer import ModelConfig, Transformer, model_config
 
 # %% ../nbs/08_cli.ipynb #5a0c0001
