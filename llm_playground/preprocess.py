@@ -23,10 +23,9 @@ from .tokenizer import ENDOFTEXT, CharTokenizer, GPT2Tokenizer, Tokenizer, build
 from .utils import UserError, atomic_write, is_temp_file, run_cli
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e000
-# kept importable from here until the lead re-installs and the other modules switch: the installed `lp_corpus` entry
-# point names `llm_playground.preprocess:corpus_main` (now in `corpus`); trainer.py and cli.py import these two from here
+# kept importable from here until the package is re-installed: the installed `lp_corpus` entry point may still name
+# `llm_playground.preprocess:corpus_main` (it lives in `corpus` now)
 from .corpus import corpus_main
-from .utils import atomic_write, file_sha256
 
 # %% ../nbs/02b_preprocess.ipynb #d9a0e56a
 class PreprocessError(UserError):
