@@ -295,16 +295,17 @@ def _process_shard(p: Path, out: Path, tok: Tokenizer, val_ratio, seed, doc_boun
     data = p.read_bytes()
     texts = _prepare(p, data, val_ratio, seed, errors, None)
     entry = {"source": p.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "documents": {}, "tokens": {}}
-    files = {}
-    for split, text in zip(SPLITS, texts):
-        docs = split_documents(text, doc_boundary)
-        try: ids = encode_documents(docs, tok, batch_chars, num_threads, on_batch)
-        except ValueError as e: raise PreprocessError(f"{p.name}: the tokenizer failed: {e}") from None
-        if (n_eot := int(np.count_nonzero(ids == tok.eot_token))) != len(docs):
-            raise PreprocessError(f"{p.name}: expected {len(docs)} end-of-text tokens, found {n_eot}: the tokenizer "
-                                  f"must encode the literal {ENDOFTEXT} as its eot_token.")
-        files[out/split/f"{p.stem}.bin"], files[out/split/f"{p.stem}.txt"] = ids, ENDOFTEXT.join(docs) + ENDOFTEXT
-        entry["documents"][split], entry["tokens"][split] = len(docs), len(ids)
+    doc_lists = [split_documents(t, doc_boundary) for t in texts]
+    try: ids = encode_documents(doc_lists[0] + doc_lists[1], tok, batch_chars, num_threads, on_batch)  # both splits in one call
+    except ValueError as e: raise PreprocessError(f"{p.name}: the tokenizer failed: {e}") from None
+    ends = np.flatnonzero(ids == tok.eot_token)  # where each document ends
+    if len(ends) != sum(map(len, doc_lists)):
+        raise PreprocessError(f"{p.name}: expected {sum(map(len, doc_lists))} end-of-text tokens, found {len(ends)}: the tokenizer "
+                              f"must encode the literal {ENDOFTEXT} as its eot_token.")
+    cut, files = int(ends[len(doc_lists[0]) - 1]) + 1, {}  # the end of the last training document
+    for split, docs, split_ids in zip(SPLITS, doc_lists, (ids[:cut], ids[cut:])):
+        files[out/split/f"{p.stem}.bin"], files[out/split/f"{p.stem}.txt"] = split_ids, ENDOFTEXT.join(docs) + ENDOFTEXT
+        entry["documents"][split], entry["tokens"][split] = len(docs), len(split_ids)
     return files, entry
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e067
