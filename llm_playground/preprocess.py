@@ -471,9 +471,9 @@ class PreprocessingConfig:
 @dataclass
 class PreprocessConfig:
     "Schema of `preprocess.yaml`, the config of `lp_preprocess`."
-    input_dir: str = "???"  # folder of raw `.txt` shards
-    out_dir: str = "???"  # where the outputs go
-    tokenizer: Any = None  # a `_target_` config, built with `build_tokenizer`
+    input_dir: str = "${root:data/raw}"  # folder of raw `.txt` shards
+    out_dir: str = "${root:data/processed}"  # where train/, validation/ and manifest.json are written
+    tokenizer: Any = field(default_factory=lambda: {"_target_": "llm_playground.tokenizer.GPT2Tokenizer"})  # a `_target_` config, built with `build_tokenizer`
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
 
 def preprocess_from_config(
@@ -591,12 +591,12 @@ class CorpusConfig:
     sha256: Optional[str] = None  # url: the pinned sha256 of the file
     filename: Optional[str] = None  # url: the file name in out_dir (default `{name}.txt`)
     timeout: float = 60.0  # url: seconds to wait for the server
-    description: str = ""  # one line for humans
+    description: str = "Python's built-in documentation topics (pydoc_data.topics)"  # one line for humans
 
 @dataclass
 class CorpusMainConfig:
     "Schema of `corpus.yaml`, the config of `lp_corpus`."
-    out_dir: str = "???"  # where the `.txt` shards go
+    out_dir: str = "${root:data/raw}"  # where the `.txt` shards go (the input_dir of lp_preprocess)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
 def make_corpus(

@@ -242,7 +242,7 @@ def test_default_config_validates_and_composes():
     assert cfg.train.endswith("data/processed/train") and Path(cfg.train).is_absolute()
     assert (cfg.max_length, cfg.stride, cfg.shuffle, cfg.drop_last, cfg.pin_memory) == (256, None, True, True, None)
     assert set(cfg.keys()) == {f for f in DatasetConfig.__dataclass_fields__}
-    full = compose_config("preprocess", ["+dataset=default", "dataset.batch_size=3"])   # the group is found in the package
+    full = compose_config("pretrain", ["dataset=default", "dataset.batch_size=3"])   # the group is found in the package
     assert validate_config(full.dataset, DatasetConfig).batch_size == 3
 
 

@@ -251,7 +251,7 @@ def test_presets_are_read_lazily():
 
 def test_model_group_composes_with_hydra():
     "The packaged `model` group is found by Hydra (as a trainer config's `defaults: [model: tiny]` would)."
-    cfg = compose_config("preprocess", ["+model=gpt2_355m", "++model.context_length=512"])   # ++: the file states only what differs
+    cfg = compose_config("pretrain", ["model=gpt2_355m", "model.context_length=512"])
     m = model_config(cfg.model)
     assert (m.n_layers, m.emb_dim, m.n_heads, m.context_length) == (24, 1024, 16, 512)
 

@@ -183,8 +183,8 @@ def test_bad_config_values(tmp_path, override, needle):
     from llm_playground.config import ConfigError, compose_config
     from llm_playground.preprocess import preprocess_from_config
     raw = tmp_path/"raw"; raw.mkdir(); (raw/"good.txt").write_text(GOOD)
-    cfg = compose_config("preprocess", [f"input_dir={raw}", f"out_dir={tmp_path/'out'}", override])
-    with pytest.raises(ConfigError, match=needle): preprocess_from_config(cfg)
+    with pytest.raises(ConfigError, match=needle):  # (a wrong type is refused while composing, a bad value by preprocess)
+        preprocess_from_config(compose_config("preprocess", [f"input_dir={raw}", f"out_dir={tmp_path/'out'}", override]))
     assert not (tmp_path/"out").exists()
 
 
