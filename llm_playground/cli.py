@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PretrainConfig', 'validate_pretrain_config', 'check_compatible', 'latest_run', 'config_diff', 'resume_config',
-           'pretrain', 'pretrain_main', 'load_model', 'SampleConfig', 'sample', 'sample_main', 'main']
+           'prepare_run', 'pretrain', 'pretrain_main', 'load_model', 'SampleConfig', 'sample', 'sample_main', 'main']
 
 # %% ../nbs/08_cli.ipynb #3102acee
 import json, sys
@@ -18,23 +18,31 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError, compose_config, get_device, hydra_main, resolve_root, seed_everything, validate_config
 from .dataloader import DatasetConfig, dataloaders_from_config, find_manifest
 from .inference_utils import generate_text, vocab_guard
-from .preprocess import atomic_write
 from .tokenizer import Tokenizer, build_tokenizer
 from .trainer import (CheckpointError, NonFiniteLossError, OptimiserConfig, Trainer, TrainerConfig,
                                     find_checkpoint, load_weights, make_run_dir)
 from .transformer import ModelConfig, Transformer, model_config
 
+# %% ../nbs/08_cli.ipynb #5a0c0001
+from .config import config_dir
+from .utils import atomic_write, run_cli
+
 # %% ../nbs/08_cli.ipynb #827a65b1
+def _default_model() -> ModelConfig:
+    "The model `lp_pretrain` trains by default: the `tiny` preset (`configs/model/tiny.yaml`)."
+    return ModelConfig(**OmegaConf.to_container(OmegaConf.load(config_dir()/"model"/"tiny.yaml") or {}))
+
 @dataclass
 class PretrainConfig:
-    "Schema of `pretrain.yaml` (the tokenizer section is any `_target_` that builds a `Tokenizer`)."
-    tokenizer: Any = None  # `_target_` and arguments of a `Tokenizer`
+    "Schema of `pretrain.yaml`: every default of `lp_pretrain` (the tokenizer section is any `_target_` that builds a `Tokenizer`)."
+    tokenizer: Any = field(default_factory=lambda: {"_target_": "llm_playground.tokenizer.GPT2Tokenizer"})  # `_target_` and arguments of a `Tokenizer`
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=_default_model)
     optimiser: OptimiserConfig = field(default_factory=OptimiserConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     resume: Optional[str] = None  # a run directory, a checkpoint, or `latest` (the newest run under trainer.output_dir) to continue from
 
+# %% ../nbs/08_cli.ipynb #5a0c0005
 _SECTIONS = dict(dataset=DatasetConfig, optimiser=OptimiserConfig, trainer=TrainerConfig)
 
 def validate_pretrain_config(
@@ -116,11 +124,11 @@ def resume_config(
     return validate_pretrain_config(new), ckpt
 
 # %% ../nbs/08_cli.ipynb #04e2ad1e
-def pretrain(
+def prepare_run(
     cfg: DictConfig,  # a composed `pretrain` config (e.g. from `compose_config("pretrain", overrides)`)
     overrides: Sequence[str] = (),  # the overrides it was composed with (used when resuming)
-) -> Trainer:  # the trainer after training
-    "Train (or resume) a model as the config says; the run directory is `trainer.run_dir`."
+) -> Trainer:  # a trainer ready to `fit`, its run directory written (`config.yaml`) and its checkpoint loaded if resuming
+    "Everything `lp_pretrain` does before training: validate, seed, build the pieces, make (or reuse) the run directory."
     cfg = validate_pretrain_config(cfg)
     ckpt = None
     if cfg.resume: cfg, ckpt = resume_config(cfg, overrides)
@@ -134,9 +142,19 @@ def pretrain(
     atomic_write(run_dir/"config.yaml", OmegaConf.to_yaml(snapshot))
     trainer = Trainer(model, train_dl, valid_dl, cfg.trainer, cfg.optimiser, tokenizer=tokenizer, run_dir=run_dir)
     trainer.snapshot = snapshot
-    if ckpt is not None: trainer.load_checkpoint(ckpt); print(f"Resuming {run_dir} from step {trainer.step} ({ckpt.name}).")
-    else: print(f"Run directory: {run_dir}")
-    print(f"Model: {model.num_params():,} parameters; {trainer.total_steps} optimiser steps on {trainer.device} in {trainer.precision}.")
+    if ckpt is not None: trainer.load_checkpoint(ckpt)
+    return trainer
+
+# %% ../nbs/08_cli.ipynb #5a0c0007
+def pretrain(
+    cfg: DictConfig,  # a composed `pretrain` config (e.g. from `compose_config("pretrain", overrides)`)
+    overrides: Sequence[str] = (),  # the overrides it was composed with (used when resuming)
+) -> Trainer:  # the trainer after training
+    "Train (or resume) a model as the config says; the run directory is `trainer.run_dir`."
+    trainer = prepare_run(cfg, overrides)
+    run_dir, resumed = trainer.run_dir, getattr(trainer, "resumed_from", None)
+    print(f"Resuming {run_dir} from step {trainer.step} ({resumed.name})." if resumed else f"Run directory: {run_dir}")
+    print(f"Model: {trainer.model.num_params():,} parameters; {trainer.total_steps} optimiser steps on {trainer.device} in {trainer.precision}.")
     trainer.fit()
     ev = getattr(trainer, "last_eval", None)
     print(f"Done: step {trainer.step}" + (f", validation loss {ev['val_loss']:.4f}" if ev else "") + f". Run directory: {run_dir}")
@@ -145,19 +163,12 @@ def pretrain(
     return trainer
 
 # %% ../nbs/08_cli.ipynb #df10e886
-_USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError)  # bad data or settings
-
-def _run_cli(f, cfg):
-    "Run `f(cfg)`, reporting the errors a user can fix without a traceback."
-    try: f(cfg)
-    except _USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr); sys.exit(1)
-
 @hydra_main("pretrain")
 def pretrain_main(cfg: DictConfig):
     "Console script `lp_pretrain`: train (or resume) a model from the packaged configs and the command line."
     from hydra.core.hydra_config import HydraConfig
-    _run_cli(lambda c: pretrain(c, list(HydraConfig.get().overrides.task)), cfg)
+    run_cli("lp_pretrain", pretrain, cfg, list(HydraConfig.get().overrides.task),
+            interrupted="The checkpoints written so far are kept: continue with lp_pretrain resume=latest.")
 
 # %% ../nbs/08_cli.ipynb #6cc34d28
 def load_model(
@@ -181,13 +192,14 @@ class SampleConfig:
     prompts: List[str] = field(default_factory=lambda: ["The", "In Python,"])  # prompts to continue
     max_new_tokens: int = 100  # tokens generated per prompt
     temperature: float = 0.8  # 0: greedy
-    top_k: Optional[int] = None  # sample among the k most likely tokens
+    top_k: Optional[int] = 50  # sample among the k most likely tokens (None: all)
     top_p: Optional[float] = None  # nucleus sampling mass
     repetition_penalty: Optional[float] = None  # > 1 discourages repeats
     seed: Optional[int] = None  # seed of the sampling (None: random)
     stream: bool = True  # print tokens as they are generated
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
 
+# %% ../nbs/08_cli.ipynb #5a0c0010
 def _stream_one(model, tokenizer, prompt: str, c, out) -> str:
     "Generate a continuation of `prompt`, writing the text to `out` as it grows; return it."
     ids = tokenizer.encode(prompt) or [tokenizer.eot_token]
@@ -204,6 +216,12 @@ def _stream_one(model, tokenizer, prompt: str, c, out) -> str:
     out.write(text[len(shown):] + "\n"); out.flush()
     return text
 
+def _generate_one(model, tokenizer, prompt, c) -> str:
+    "The continuation of `prompt`, generated in one go."
+    return generate_text(model, tokenizer, prompt, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
+                         top_p=c.top_p, repetition_penalty=c.repetition_penalty, seed=c.seed)[0]
+
+# %% ../nbs/08_cli.ipynb #5a0c0011
 def sample(
     cfg: DictConfig | dict,  # a `sample` config (see `SampleConfig`)
     out=None,  # where to print (default: stdout)
@@ -222,15 +240,11 @@ def sample(
             print(p + texts[-1], file=out)
     return texts
 
-def _generate_one(model, tokenizer, prompt, c) -> str:
-    "The continuation of `prompt`, generated in one go."
-    return generate_text(model, tokenizer, prompt, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-                         top_p=c.top_p, repetition_penalty=c.repetition_penalty, seed=c.seed)[0]
-
+# %% ../nbs/08_cli.ipynb #5a0c0012
 @hydra_main("sample")
 def sample_main(cfg: DictConfig):
     "Console script `lp_sample`: generate text from a trained model."
-    _run_cli(sample, cfg)
+    run_cli("lp_sample", sample, cfg)
 
 # %% ../nbs/08_cli.ipynb #ed1bf491
 _COMMANDS = dict(pretrain=pretrain_main, sample=sample_main)

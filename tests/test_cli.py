@@ -73,12 +73,14 @@ def test_sample_latest_run(trained):
 
 
 def test_typos_fail_before_any_work(tmp_path):
-    r = run(*cmd("pretrain"), "trainer.num_epochz=3", f"trainer.output_dir={tmp_path}")
-    assert r.returncode != 0 and "num_epochz" in r.stderr
-    r = run(*cmd("pretrain"), "+trainer.num_epochz=3", f"trainer.output_dir={tmp_path}")
-    assert r.returncode == 1 and "Did you mean: num_epochs" in r.stderr and "Traceback" not in r.stderr
+    r = run(*cmd("pretrain"), "trainer.num_epochz=3", f"trainer.output_dir={tmp_path}")   # a bad setting: exit status 2, one line
+    assert r.returncode == 2 and r.stderr == "lp_pretrain: error: Unknown config key trainer.num_epochz. Did you mean trainer.num_epochs?\n", r.stderr
+    r = run(*cmd("pretrain"), "+trainer.num_epochz=3", f"trainer.output_dir={tmp_path}")  # added with +: caught by the schema
+    assert r.returncode == 2 and "Did you mean: num_epochs" in r.stderr and "Traceback" not in r.stderr
     r = run(*cmd("pretrain"), "optimiser.lr=fast", f"trainer.output_dir={tmp_path}")
-    assert r.returncode != 0 and "optimiser.lr" in r.stderr
+    assert r.returncode == 2 and "optimiser.lr" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run(*cmd("sample"), "temprature=0.5")
+    assert r.returncode == 2 and "Did you mean temperature?" in r.stderr, r.stderr
     r = run(*cmd("sample"), "device=cpu", LLM_PLAYGROUND_ROOT=str(tmp_path))  # checkpoint=latest, but no run there
     assert r.returncode == 1 and "No trained run" in r.stderr and "checkpoint=" in r.stderr
     r = run(*cmd("sample"), f"checkpoint={tmp_path}/nothing")

@@ -135,7 +135,7 @@ def test_bad_resumes(data, tmp_path):
 
     # a different model shape: refused, listing the differences
     r = subprocess.run(pretrain_cmd(f"resume={run_dir}", "model.emb_dim=64", "model.n_layers=3"), env=env(), capture_output=True, text=True)
-    assert r.returncode == 1 and "model.emb_dim: 32 -> 64" in r.stderr and "model.n_layers: 2 -> 3" in r.stderr, r.stderr
+    assert r.returncode == 2 and "model.emb_dim: 32 -> 64" in r.stderr and "model.n_layers: 2 -> 3" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 
     # a truncated checkpoint: refused, naming the file; with resume_fallback the previous good one is used
