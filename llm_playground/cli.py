@@ -21,7 +21,7 @@ from .inference_utils import generate_text, vocab_guard
 from .tokenizer import Tokenizer, build_tokenizer
 from .trainer import (CheckpointError, NonFiniteLossError, OptimiserConfig, Trainer, TrainerConfig,
                                     find_checkpoint, load_weights, make_run_dir)
-from .transformer import ModelConfig, Transformer, model_config
+from .transformer import ModelConfig, Transformer, model_config, model_preset
 
 # %% ../nbs/08_cli.ipynb #5a0c0001
 from .config import config_dir
@@ -30,7 +30,7 @@ from .utils import atomic_write, run_cli
 # %% ../nbs/08_cli.ipynb #827a65b1
 def _default_model() -> ModelConfig:
     "The model `lp_pretrain` trains by default: the `tiny` preset (`configs/model/tiny.yaml`)."
-    return ModelConfig(**OmegaConf.to_container(OmegaConf.load(config_dir()/"model"/"tiny.yaml") or {}))
+    return ModelConfig(**model_preset("tiny"))
 
 @dataclass
 class PretrainConfig:

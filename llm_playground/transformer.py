@@ -198,12 +198,26 @@ def new_kv_cache(self: Transformer,
         dtype = torch.get_autocast_dtype(dt) if dt and torch.is_autocast_enabled(dt) else p.dtype
     return KVCache(c.n_layers, batch_size, c.n_heads, c.head_dim, max_length or c.context_length, dtype, device)
 
-# %% ../nbs/05_model.ipynb #9409b1a9
+# %% ../nbs/05_model.ipynb #e8518e80
+def _register_model_schema():
+    "Store `ModelConfig` in Hydra's ConfigStore as `model/model_schema`, the base every preset file starts from."
+    from hydra.core.config_store import ConfigStore
+    ConfigStore.instance().store(group="model", name="model_schema", node=ModelConfig)
+
+_register_model_schema()  # in memory only (no file is read): the `model` config group needs it to compose
+
+# %% ../nbs/05_model.ipynb #259b2c16
 def _presets_dir() -> Path: return config_dir()/"model"
+
+def _preset_fields(name: str) -> dict:
+    "The `ModelConfig` fields the preset file `name` sets (its Hydra defaults list left out)."
+    d = OmegaConf.to_container(OmegaConf.load(_presets_dir()/f"{name}.yaml"))
+    d.pop("defaults", None)
+    return d
 
 def _preset_config(name: str) -> ModelConfig:
     "The validated `ModelConfig` of the preset file `name`."
-    return model_config(OmegaConf.load(_presets_dir()/f"{name}.yaml"))
+    return model_config(_preset_fields(name))
 
 # %% ../nbs/05_model.ipynb #60959a82
 def preset_names() -> list[str]:  # preset names, smallest model first

@@ -206,11 +206,12 @@ def test_presets_yaml_and_param_counts():
     defaults = dataclasses.asdict(ModelConfig())
     for name in files:
         diff = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{name}.yaml"))
+        assert diff.pop("defaults") == ["model_schema"], name                   # Hydra starts from ModelConfig
         assert all(defaults[k] != v for k, v in diff.items()), (name, diff)     # nothing restated
         assert model_preset(name) == PRESETS[name] == {**defaults, **diff}, name
         with torch.device("meta"):
             assert Transformer.from_preset(name).cfg == model_config(diff), name
-    assert OmegaConf.load(config_dir() / "model" / "gpt2_124m.yaml") == {}     # the defaults are GPT-2 124M
+    assert set(OmegaConf.load(config_dir() / "model" / "gpt2_124m.yaml")) == {"defaults"}   # the defaults are GPT-2 124M
     expected = {"tiny": 16_090_880, "gpt2_124m": 124_439_808, "gpt2_355m": 354_823_168, "gpt2_774m": 774_030_080,
                 "gpt2_1558m": 1_557_611_200}
     with torch.device("meta"):
@@ -223,6 +224,15 @@ def test_presets_yaml_and_param_counts():
     assert list(PRESETS) == ["tiny", "gpt2_124m", "gpt2_355m", "gpt2_774m", "gpt2_1558m"]   # smallest first
     with pytest.raises(KeyError): PRESETS["gpt5"]
     with pytest.raises(ConfigError, match="Unknown model preset 'gpt5'. Presets: tiny, gpt2_124m"): model_preset("gpt5")
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt2_124m", "gpt2_355m", "gpt2_774m", "gpt2_1558m"])
+def test_hydra_composes_each_preset_from_the_defaults(name):
+    "`model=<name>` composes to exactly `model_preset(name)`, although lp_pretrain's own default model is tiny."
+    cfg = compose_config("pretrain", [f"model={name}"])
+    assert model_config(cfg.model) == ModelConfig(**model_preset(name))
+    with_override = compose_config("pretrain", [f"model={name}", "model.drop_attn=0.1"])
+    assert model_config(with_override.model) == ModelConfig(**{**model_preset(name), "drop_attn": 0.1})
 
 
 def test_forward_contract():
