@@ -198,7 +198,7 @@ def new_kv_cache(self: Transformer,
         dtype = torch.get_autocast_dtype(dt) if dt and torch.is_autocast_enabled(dt) else p.dtype
     return KVCache(c.n_layers, batch_size, c.n_heads, c.head_dim, max_length or c.context_length, dtype, device)
 
-# %% ../nbs/05_model.ipynb #e8518e80
+# %% ../nbs/05_model.ipynb #b5fa90ca
 def _register_model_schema():
     "Store `ModelConfig` in Hydra's ConfigStore as `model/model_schema`, the base every preset file starts from."
     from hydra.core.config_store import ConfigStore
@@ -225,12 +225,13 @@ def preset_names() -> list[str]:  # preset names, smallest model first
     names = [f.stem for f in _presets_dir().glob("*.yaml")]
     return sorted(names, key=lambda n: (c := _preset_config(n)).n_layers * c.emb_dim**2)
 
-# %% ../nbs/05_model.ipynb #66bbe6bf
+# %% ../nbs/05_model.ipynb #ee3e5fb1
 def model_preset(
     name: str,  # a preset name (see `preset_names`), e.g. `"tiny"`
 ) -> dict:  # every `ModelConfig` field of the preset
     "The `ModelConfig` fields of a model preset: the defaults (GPT-2 124M) updated by `configs/model/<name>.yaml`."
-    if name not in preset_names(): raise ConfigError(f"Unknown model preset '{name}'. Presets: {', '.join(preset_names())}.")
+    if name not in {f.stem for f in _presets_dir().glob("*.yaml")}:
+        raise ConfigError(f"Unknown model preset '{name}'. Presets: {', '.join(preset_names())}.")
     return dataclasses.asdict(_preset_config(name))
 
 # %% ../nbs/05_model.ipynb #b9174f69
