@@ -14,7 +14,8 @@ import argparse, math, statistics, time
 import torch
 
 from llm_playground.config import get_device, seed_everything
-from llm_playground.trainer import Callback, Trainer, create_optimiser, create_scheduler, lm_loss
+from llm_playground.optimiser import create_optimiser, create_scheduler
+from llm_playground.trainer import Callback, Trainer, lm_loss
 from llm_playground.transformer import Transformer
 
 

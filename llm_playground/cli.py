@@ -19,8 +19,9 @@ from .config import ConfigError, compose_config, get_device, hydra_main, resolve
 from .dataloader import DatasetConfig, dataloaders_from_config, find_manifest
 from .inference_utils import generate_text, vocab_guard
 from .tokenizer import Tokenizer, build_tokenizer
-from .trainer import (CheckpointError, NonFiniteLossError, OptimiserConfig, Trainer, TrainerConfig,
-                                    find_checkpoint, load_weights, make_run_dir)
+from .optimiser import OptimiserConfig
+from .trainer import NonFiniteLossError, Trainer, TrainerConfig
+from .checkpoint import CheckpointError, find_checkpoint, load_weights, make_run_dir
 from .transformer import ModelConfig, Transformer, model_config, model_preset
 
 # %% ../nbs/08_cli.ipynb #5a0c0001

@@ -133,7 +133,7 @@ def test_bad_resumes(data, tmp_path):
     ckpts = sorted((run_dir/"checkpoints").glob("step_*"))
     assert [c.name for c in ckpts][-2:] == ["step_00000008", "step_00000012"]
 
-    # a different model shape: refused, listing the differences
+    # a different model shape: a ConfigError (exit status 2), listing the differences
     r = subprocess.run(pretrain_cmd(f"resume={run_dir}", "model.emb_dim=64", "model.n_layers=3"), env=env(), capture_output=True, text=True)
     assert r.returncode == 2 and "model.emb_dim: 32 -> 64" in r.stderr and "model.n_layers: 2 -> 3" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

@@ -9,8 +9,9 @@ import torch
 from llm_playground.config import ConfigError, seed_everything
 from llm_playground.dataloader import NextTokenPredictionDataset, create_dataloader
 from llm_playground.tokenizer import CharTokenizer
-from llm_playground.trainer import (Callback, NonFiniteLossError, Trainer, list_checkpoints, lm_loss, param_groups,
-                                    verify_checkpoint)
+from llm_playground.checkpoint import list_checkpoints, verify_checkpoint
+from llm_playground.optimiser import param_groups
+from llm_playground.trainer import Callback, NonFiniteLossError, Trainer, lm_loss
 from llm_playground.transformer import Transformer
 
 
