@@ -13,8 +13,8 @@ from typing import Sequence
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from .config import validate_config
 from .inference_utils import generate_text
-from .optimiser import _as_config
 from .trainer import Callback, SamplingConfig, _fork_rng, read_metrics
 
 # %% ../nbs/07c_callbacks.ipynb #506c8604
@@ -52,7 +52,7 @@ class SampleCB(Callback):
     "Generate text from the sampling prompts every `every_n_steps` steps and/or every epoch; print and save it."
     order = 30
     def __init__(self, cfg: SamplingConfig | DictConfig | dict | None = None):  # the `trainer.sampling` config (None: `SamplingConfig()`)
-        self.cfg = _as_config(cfg, SamplingConfig, "trainer.sampling")
+        self.cfg = validate_config(cfg, SamplingConfig, "trainer.sampling")
     def sample(self, t) -> list[str]:
         "Continuations of the prompts, from the model as it is now."
         c = self.cfg

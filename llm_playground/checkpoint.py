@@ -21,7 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .callbacks import EvalCB, MetricsCB, PlotCB, ProgressCB, SampleCB
-from .optimiser import LRSchedule, _as_config, create_optimiser, warmup_steps_for
+from .config import validate_config
+from .optimiser import LRSchedule, create_optimiser, warmup_steps_for
 from .trainer import Callback, TrainerConfig
 from .utils import UserError, atomic_write, file_sha256
 
@@ -252,7 +253,7 @@ def default_callbacks(
     cfg: TrainerConfig | DictConfig | dict | None = None,  # the `trainer` config (None: `TrainerConfig()`)
 ) -> list[Callback]:
     "The callbacks the `trainer` config asks for: metrics, evaluation, samples, checkpoints, progress bar, plot."
-    cfg = _as_config(cfg, TrainerConfig, "trainer")
+    cfg = validate_config(cfg, TrainerConfig, "trainer")
     cbs = [MetricsCB(cfg.log_steps), EvalCB(cfg.eval_steps), SampleCB(cfg.sampling),
            CheckpointCB(cfg.save_steps, cfg.keep_last, cfg.keep_best)]
     return cbs + ([ProgressCB()] if cfg.progress else []) + ([PlotCB()] if cfg.plot else [])

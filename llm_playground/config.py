@@ -111,12 +111,14 @@ def _valid_keys(base: DictConfig, parent: str) -> list[str]:
 
 # %% ../nbs/00_config.ipynb #3a1c9e06
 def validate_config(
-    cfg: DictConfig | dict,  # the config (or a section of it) to check
-    schema: type,  # a dataclass describing the allowed keys and their types
+    cfg: DictConfig | dict | Any | None,  # the config (or a section of it) to check: a DictConfig, a dict, an instance of `schema`, or None
+    schema: type,  # a dataclass describing the allowed keys, their types and their defaults
     where: str = "",  # key path of `cfg` inside the full config, for messages (e.g. `"preprocessing"`)
-) -> DictConfig:  # the validated config, values converted to the schema's types
+) -> DictConfig:  # the validated config, values converted to the schema's types, missing keys at the schema's defaults
     "Check `cfg` against the dataclass `schema`: unknown keys and wrong types raise `ConfigError`."
     base = OmegaConf.structured(schema)
+    if cfg is None: cfg = {}  # nothing given: the schema's defaults
+    elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type): cfg = dataclasses.asdict(cfg)
     if isinstance(cfg, DictConfig): cfg = OmegaConf.to_container(cfg)  # plain values: a config typed by another (or a re-run notebook's) class merges too
     try: merged = OmegaConf.merge(base, cfg)
     except OmegaConfBaseException as e:

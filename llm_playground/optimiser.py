@@ -53,20 +53,13 @@ class OptimiserConfig:
     warmup_ratio: float = 0.05  # warmup as a fraction of the total steps (when warmup_steps is 0)
     min_lr_ratio: float = 0.1  # the schedule ends at `lr * min_lr_ratio`
 
-# %% ../nbs/07a_optimiser.ipynb #f8959f60
-def _as_config(cfg, schema, where):
-    "`cfg` (None, a dataclass, dict or DictConfig) validated against `schema`."
-    if cfg is None: cfg = schema()
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type): cfg = OmegaConf.structured(cfg)
-    return validate_config(cfg, schema, where)
-
 # %% ../nbs/07a_optimiser.ipynb #e7e0feb9
 def create_optimiser(
     model: nn.Module,  # the model to train
     cfg: OptimiserConfig | DictConfig | dict | None = None,  # the `optimiser` config (default: `OptimiserConfig()`)
 ) -> torch.optim.Optimizer:
     "The optimiser `cfg` describes, over `param_groups(model)`."
-    cfg = _as_config(cfg, OptimiserConfig, "optimiser")
+    cfg = validate_config(cfg, OptimiserConfig, "optimiser")
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw": return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "sgd": return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -108,6 +101,6 @@ def create_scheduler(
     total_steps: int,  # optimiser steps of the whole run
 ) -> torch.optim.lr_scheduler.LambdaLR:
     "A `LambdaLR` following `LRSchedule` with the warmup and decay `cfg` describes."
-    cfg = _as_config(cfg, OptimiserConfig, "optimiser")
+    cfg = validate_config(cfg, OptimiserConfig, "optimiser")
     fn = LRSchedule(total_steps, warmup_steps_for(cfg, total_steps), cfg.min_lr_ratio, cfg.schedule)
     return torch.optim.lr_scheduler.LambdaLR(opt, fn)

@@ -18,8 +18,8 @@ from fastcore.basics import patch
 from omegaconf import DictConfig
 from torch import nn
 
-from .config import ConfigError, get_device
-from .optimiser import OptimiserConfig, _as_config, create_optimiser, create_scheduler
+from .config import ConfigError, get_device, validate_config
+from .optimiser import OptimiserConfig, create_optimiser, create_scheduler
 from .utils import UserError
 
 # %% ../nbs/07b_trainer.ipynb #7e234a8f
@@ -147,7 +147,7 @@ class Trainer:
                  loss_func: Callable = lm_loss,  # `loss_func(logits, targets)`
                  default_cbs: bool = True,  # add `default_callbacks(cfg)` to `cbs`
                 ):
-        self.cfg, self.opt_cfg = _as_config(cfg, TrainerConfig, "trainer"), _as_config(opt_cfg, OptimiserConfig, "optimiser")
+        self.cfg, self.opt_cfg = validate_config(cfg, TrainerConfig, "trainer"), validate_config(opt_cfg, OptimiserConfig, "optimiser")
         self.train_dl, self.valid_dl, self.tokenizer, self.loss_func = train_dl, valid_dl, tokenizer, loss_func
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device = get_device(self.cfg.device)
