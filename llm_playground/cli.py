@@ -22,7 +22,7 @@ from .tokenizer import Tokenizer, build_tokenizer
 from .optimiser import OptimiserConfig
 from .trainer import NonFiniteLossError, Trainer, TrainerConfig
 from .checkpoint import CheckpointError, find_checkpoint, load_weights, make_run_dir
-from .transformer import ModelConfig, Transformer, model_config
+from .transformer import ModelConfig, Transformer, model_config, model_preset
 
 # %% ../nbs/08_cli.ipynb #5a0c0001
 from .config import config_dir
@@ -31,7 +31,7 @@ from .utils import atomic_write, run_cli
 # %% ../nbs/08_cli.ipynb #827a65b1
 def _default_model() -> ModelConfig:
     "The model `lp_pretrain` trains by default: the `tiny` preset (`configs/model/tiny.yaml`)."
-    return ModelConfig(**OmegaConf.to_container(OmegaConf.load(config_dir()/"model"/"tiny.yaml") or {}))
+    return ModelConfig(**model_preset("tiny"))
 
 @dataclass
 class PretrainConfig:
