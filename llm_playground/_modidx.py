@@ -667,6 +667,7 @@ d = { 'settings': { 'branch': 'main',
                                       'llm_playground.utils._fail': ('utils.html#_fail', 'llm_playground/utils.py'),
                                       'llm_playground.utils.atomic_write': ('utils.html#atomic_write', 'llm_playground/utils.py'),
                                       'llm_playground.utils.file_sha256': ('utils.html#file_sha256', 'llm_playground/utils.py'),
+                                      'llm_playground.utils.fsync_dir': ('utils.html#fsync_dir', 'llm_playground/utils.py'),
                                       'llm_playground.utils.is_temp_file': ('utils.html#is_temp_file', 'llm_playground/utils.py'),
                                       'llm_playground.utils.run_cli': ('utils.html#run_cli', 'llm_playground/utils.py'),
                                       'llm_playground.utils.temp_path_for': ('utils.html#temp_path_for', 'llm_playground/utils.py')}}}
