@@ -19,8 +19,7 @@ import argparse, json, platform, sys, time, warnings
 import torch
 
 from llm_playground.config import get_device
-from llm_playground.transformer import PRESETS, Transformer
-import llm_playground.inference_utils  # noqa: F401  (adds Transformer.generate)
+from llm_playground.transformer import Transformer, model_preset   # importing Transformer is enough to generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,7 +55,7 @@ def weight_bytes(model):
 
 def build_models(device, seed, want_hf):
     "Our GPT-2 124M with random weights, and (if available) a Hugging Face GPT2LMHeadModel holding the same weights."
-    cfg = PRESETS["gpt2_124m"]
+    cfg = model_preset("gpt2_124m")
     hf = None
     if want_hf:
         try:

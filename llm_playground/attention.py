@@ -5,11 +5,12 @@
 # %% auto #0
 __all__ = ['causal_mask', 'MultiHeadAttention', 'KVCache', 'make_attn_mask', 'kv_cache_bytes']
 
-# %% ../nbs/04_attention.ipynb #f15f6831
+# %% ../nbs/04_attention.ipynb #98116331
 import math
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 # %% ../nbs/04_attention.ipynb #20c5c5be
@@ -32,7 +33,7 @@ def _explicit_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
     w = scores.softmax(dim=-1).nan_to_num(0.0).to(v.dtype)  # a query with no visible key gets zero weights, as in SDPA
     return F.dropout(w, dropout_p) @ v, w
 
-# %% ../nbs/04_attention.ipynb #7e92851f
+# %% ../nbs/04_attention.ipynb #8bc3f0d3
 class MultiHeadAttention(nn.Module):
     "Causal multi-head self-attention: fused QKV projection, SDPA, optional KV cache and attention weights."
     def __init__(self,
@@ -49,30 +50,32 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(emb_dim, emb_dim, bias=bias)      # output projection
         self.resid_drop = nn.Dropout(drop_resid)
 
-    def forward(self,
-        x: Tensor,  # input `[B, T, C]`
-        mask: Tensor | None = None,  # bool, broadcastable to `[B, H, T, S]`, True = may attend; None = causal
-        kv_cache=None,  # a `KVCache`: new keys/values are written at `kv_cache.length`; None = no cache
-        layer_idx: int = 0,  # which layer of `kv_cache` this module uses
-        return_attn: bool = False,  # also return the attention weights (explicit softmax path)
-    ):  # output `[B, T, C]`, or `(output, weights [B, H, T, S])` when `return_attn`
-        "Attend causally over `x` (and the cache); `S` is the number of keys, cached plus new."
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, d]
-        dt = q.dtype
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer_idx, k, v)  # all keys/values so far: [B, H, S, d]
-            q = q.to(k.dtype)
-        S = k.shape[-2]
-        if mask is None and 1 < T < S: mask = causal_mask(T, S, x.device)   # queries are the last T of S positions
-        is_causal = mask is None and T > 1
-        p = self.drop_attn if self.training else 0.0
-        if return_attn: y, w = _explicit_attention(q, k, v, mask, is_causal, p)
-        else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
-        y = self.resid_drop(self.proj(y.to(dt).transpose(1, 2).reshape(B, T, C)))
-        return (y, w) if return_attn else y
+# %% ../nbs/04_attention.ipynb #3dccc42f
+@patch
+def forward(self: MultiHeadAttention,
+    x: Tensor,  # input `[B, T, C]`
+    mask: Tensor | None = None,  # bool, broadcastable to `[B, H, T, S]`, True = may attend; None = causal
+    kv_cache=None,  # a `KVCache`: new keys/values are written at `kv_cache.length`; None = no cache
+    layer_idx: int = 0,  # which layer of `kv_cache` this module uses
+    return_attn: bool = False,  # also return the attention weights (explicit softmax path)
+):  # output `[B, T, C]`, or `(output, weights [B, H, T, S])` when `return_attn`
+    "Attend causally over `x` (and the cache); `S` is the number of keys, cached plus new."
+    B, T, C = x.shape
+    q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, d]
+    dt = q.dtype
+    if kv_cache is not None:
+        k, v = kv_cache.update(layer_idx, k, v)  # all keys/values so far: [B, H, S, d]
+        q = q.to(k.dtype)
+    S = k.shape[-2]
+    if mask is None and 1 < T < S: mask = causal_mask(T, S, x.device)   # queries are the last T of S positions
+    is_causal = mask is None and T > 1
+    p = self.drop_attn if self.training else 0.0
+    if return_attn: y, w = _explicit_attention(q, k, v, mask, is_causal, p)
+    else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+    y = self.resid_drop(self.proj(y.to(dt).transpose(1, 2).reshape(B, T, C)))
+    return (y, w) if return_attn else y
 
-# %% ../nbs/04_attention.ipynb #2d9eaeb1
+# %% ../nbs/04_attention.ipynb #2e73636f
 class KVCache:
     "Preallocated key/value cache for every layer of a model, filled up to `length` positions."
     def __init__(self,
@@ -98,52 +101,64 @@ class KVCache:
     @property
     def nbytes(self) -> int: return self.k.nbytes + self.v.nbytes
 
-    def check(self,
-        batch_size: int,  # rows of the new tokens
-        n_new: int,  # number of new positions to write
-    ):
-        "Raise a `ValueError` if `n_new` tokens of a batch of `batch_size` do not fit."
-        if batch_size != self.batch_size:
-            raise ValueError(f"KV cache holds {self.batch_size} sequences but got a batch of {batch_size}.")
-        if self.length + n_new > self.max_length:
-            raise ValueError(f"KV cache is full: {self.length} cached + {n_new} new = {self.length + n_new} positions "
-                             f"exceeds its max_length {self.max_length}.")
-
-    def update(self,
-        layer_idx: int,  # layer whose keys/values these are
-        k: Tensor,  # new keys `[B, H, T, d]`
-        v: Tensor,  # new values `[B, H, T, d]`
-    ) -> tuple[Tensor, Tensor]:  # keys and values of positions `0 .. length+T`, `[B, H, length+T, d]` each
-        "Write `k`, `v` at positions `length .. length+T` of layer `layer_idx`; return everything cached so far."
-        self.check(k.shape[0], k.shape[-2])
-        start, end = self.length, self.length + k.shape[-2]
-        self.k[layer_idx, :, :, start:end] = k
-        self.v[layer_idx, :, :, start:end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
-
-    def advance(self, n: int):  # number of positions just written by every layer
-        "Mark `n` more positions as filled (the model calls this once per forward pass)."
-        self.check(self.batch_size, n)
-        self.length += n
-
-    def reset(self):
-        "Empty the cache (the buffers are kept and reused)."
-        self.length = 0
-
-    def crop(self, length: int):  # new length, at most the current one
-        "Forget every position from `length` on (e.g. rejected draft tokens)."
-        if not 0 <= length <= self.length: raise ValueError(f"Cannot crop a cache of length {self.length} to {length}.")
-        self.length = length
-
-    def reorder(self, index: Tensor):  # `[batch_size]` row indices, e.g. the beams that survive
-        "Replace row `i` of the cache by row `index[i]` (beam search)."
-        n, index = self.length, index.to(self.k.device)
-        self.k[:, :, :, :n] = self.k[:, :, :, :n].index_select(1, index)   # only the filled positions
-        self.v[:, :, :, :n] = self.v[:, :, :, :n].index_select(1, index)
-
     def __repr__(self):
         return (f"KVCache(n_layers={self.n_layers}, batch_size={self.batch_size}, length={self.length}, "
                 f"max_length={self.max_length}, dtype={self.k.dtype}, {self.nbytes/2**20:.2f} MiB)")
+
+# %% ../nbs/04_attention.ipynb #740d6ed1
+@patch
+def check(self: KVCache,
+    batch_size: int,  # rows of the new tokens
+    n_new: int,  # number of new positions to write
+):
+    "Raise a `ValueError` if `n_new` tokens of a batch of `batch_size` do not fit."
+    if batch_size != self.batch_size:
+        raise ValueError(f"KV cache holds {self.batch_size} sequences but got a batch of {batch_size}.")
+    if self.length + n_new > self.max_length:
+        raise ValueError(f"KV cache is full: {self.length} cached + {n_new} new = {self.length + n_new} positions "
+                         f"exceeds its max_length {self.max_length}.")
+
+# %% ../nbs/04_attention.ipynb #d3ecaba8
+@patch
+def update(self: KVCache,
+    layer_idx: int,  # layer whose keys/values these are
+    k: Tensor,  # new keys `[B, H, T, d]`
+    v: Tensor,  # new values `[B, H, T, d]`
+) -> tuple[Tensor, Tensor]:  # keys and values of positions `0 .. length+T`, `[B, H, length+T, d]` each
+    "Write `k`, `v` at positions `length .. length+T` of layer `layer_idx`; return everything cached so far."
+    self.check(k.shape[0], k.shape[-2])
+    start, end = self.length, self.length + k.shape[-2]
+    self.k[layer_idx, :, :, start:end] = k
+    self.v[layer_idx, :, :, start:end] = v
+    return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+# %% ../nbs/04_attention.ipynb #22901d47
+@patch
+def advance(self: KVCache, n: int):  # number of positions just written by every layer
+    "Mark `n` more positions as filled (the model calls this once per forward pass)."
+    self.check(self.batch_size, n)
+    self.length += n
+
+# %% ../nbs/04_attention.ipynb #9e6e505a
+@patch
+def reset(self: KVCache):
+    "Empty the cache (the buffers are kept and reused)."
+    self.length = 0
+
+# %% ../nbs/04_attention.ipynb #eedb6d2e
+@patch
+def crop(self: KVCache, length: int):  # new length, at most the current one
+    "Forget every position from `length` on (e.g. rejected draft tokens)."
+    if not 0 <= length <= self.length: raise ValueError(f"Cannot crop a cache of length {self.length} to {length}.")
+    self.length = length
+
+# %% ../nbs/04_attention.ipynb #661b020e
+@patch
+def reorder(self: KVCache, index: Tensor):  # `[batch_size]` row indices, e.g. the beams that survive
+    "Replace row `i` of the cache by row `index[i]` (beam search)."
+    n, index = self.length, index.to(self.k.device)
+    self.k[:, :, :, :n] = self.k[:, :, :, :n].index_select(1, index)   # only the filled positions
+    self.v[:, :, :, :n] = self.v[:, :, :, :n].index_select(1, index)
 
 # %% ../nbs/04_attention.ipynb #d2919858
 def make_attn_mask(

@@ -22,17 +22,15 @@ from .tokenizer import Tokenizer, build_tokenizer
 from .optimiser import OptimiserConfig
 from .trainer import NonFiniteLossError, Trainer, TrainerConfig
 from .checkpoint import CheckpointError, find_checkpoint, load_weights, make_run_dir
-from .transformer import ModelConfig, Transformer, model_config
-
-# %% ../nbs/08_cli.ipynb #5a0c0001
-from .config import config_dir
+from .transformer import ModelConfig, Transformer, model_config, model_preset
 from .utils import atomic_write, run_cli
 
 # %% ../nbs/08_cli.ipynb #827a65b1
 def _default_model() -> ModelConfig:
     "The model `lp_pretrain` trains by default: the `tiny` preset (`configs/model/tiny.yaml`)."
-    return ModelConfig(**OmegaConf.to_container(OmegaConf.load(config_dir()/"model"/"tiny.yaml") or {}))
+    return ModelConfig(**model_preset("tiny"))
 
+# %% ../nbs/08_cli.ipynb #5b0a0001
 @dataclass
 class PretrainConfig:
     "Schema of `pretrain.yaml`: every default of `lp_pretrain` (the tokenizer section is any `_target_` that builds a `Tokenizer`)."
@@ -96,6 +94,7 @@ def config_diff(
     if not (isinstance(a, dict) and isinstance(b, dict)): return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
     return [d for k in sorted(set(a) | set(b), key=str) for d in config_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
 
+# %% ../nbs/08_cli.ipynb #5b0a0008
 def _override_keys(overrides: Sequence[str]) -> list[str]:
     "The config keys (dotted) that command-line overrides set, e.g. `model=x` -> `model`, `trainer/sampling=y` -> `trainer.sampling`."
     keys = []
@@ -105,6 +104,7 @@ def _override_keys(overrides: Sequence[str]) -> list[str]:
         if k and k != "resume" and not k.startswith("hydra"): keys.append(k)
     return keys
 
+# %% ../nbs/08_cli.ipynb #5b0a0010
 def resume_config(
     cfg: DictConfig,  # the validated config composed for this command (defaults + overrides)
     overrides: Sequence[str] = (),  # the command-line overrides (these win over the run's saved config)
@@ -217,6 +217,7 @@ def _stream_one(model, tokenizer, prompt: str, c, out) -> str:
     out.write(text[len(shown):] + "\n"); out.flush()
     return text
 
+# %% ../nbs/08_cli.ipynb #5b0a0015
 def _generate_one(model, tokenizer, prompt, c) -> str:
     "The continuation of `prompt`, generated in one go."
     return generate_text(model, tokenizer, prompt, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,

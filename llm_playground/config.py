@@ -42,6 +42,7 @@ def project_root(
         if _is_clone_root(d): return d
     return start
 
+# %% ../nbs/00_config.ipynb #3d0e0001
 def resolve_root(
     path: str | Path = "",  # a path relative to the project root (absolute paths pass through)
 ) -> str:  # the absolute path, as a string (configs hold strings)
@@ -68,6 +69,7 @@ SCHEMAS = {  # primary config -> "module:dataclass" of its schema
     "sample": "llm_playground.cli:SampleConfig",
 }
 
+# %% ../nbs/00_config.ipynb #3d0e0002
 def config_schema(
     config_name: str,  # a primary config, e.g. `"pretrain"`
 ) -> type:  # its schema dataclass
@@ -76,6 +78,7 @@ def config_schema(
     module, name = SCHEMAS[config_name].split(":")
     return getattr(importlib.import_module(module), name)
 
+# %% ../nbs/00_config.ipynb #3d0e0004
 def register_schema(
     config_name: str,  # a primary config, e.g. `"pretrain"`
 ):
@@ -104,6 +107,7 @@ def compose_config(
 class ConfigError(ValueError):
     "A configuration value or key is invalid; the message says which and how to fix it."
 
+# %% ../nbs/00_config.ipynb #3d0e0006
 def _valid_keys(base: DictConfig, parent: str) -> list[str]:
     "Keys allowed at `parent` (a dotted path) in the structured config `base`."
     node = OmegaConf.select(base, parent) if parent else base
@@ -147,6 +151,7 @@ def _overrides(argv: Sequence[str]) -> list[str]:
         else: out.append(a)
     return out
 
+# %% ../nbs/00_config.ipynb #3d0e0009
 def _override_message(config_name: str, e: Exception) -> str:
     "One line, in the project's words, for a Hydra composition error."
     import re
@@ -163,6 +168,7 @@ def _override_message(config_name: str, e: Exception) -> str:
     msg = msg.split("Config search path")[0]  # (Hydra's search path means nothing to the user)
     return " ".join(l.strip() for l in msg.splitlines() if l.strip() and "HYDRA_FULL_ERROR" not in l)
 
+# %% ../nbs/00_config.ipynb #3d0e0010
 def check_overrides(
     config_name: str,  # the command's primary config
     argv: Sequence[str],  # its command-line arguments (Hydra flags are skipped)

@@ -69,7 +69,7 @@ def greedy_decode(
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
 
-# %% ../nbs/06b_inference.ipynb #b0130388
+# %% ../nbs/06b_inference.ipynb #840abbac
 def pad_prompts(
     prompts: Sequence[Sequence[int]],  # token-id lists, possibly of different lengths
     pad_id: int = PAD_ID,  # value for the padding positions
@@ -81,18 +81,33 @@ def pad_prompts(
     mask = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts])
     return ids.to(device), mask.to(device)
 
+# %% ../nbs/06b_inference.ipynb #510f6926
 def position_ids_from_mask(
     attention_mask: Tensor,  # [B, L] 1/True = real token, 0 = padding
 ) -> Tensor:  # [B, L] position of each real token among the real tokens of its row (0 for padding)
     "Position ids counting real tokens only, for left-padded batches."
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-# %% ../nbs/06b_inference.ipynb #4b9041b1
+# %% ../nbs/06b_inference.ipynb #24aefb4a
 def _is_int(x) -> bool: return isinstance(x, Integral) and not isinstance(x, bool)
 def _is_seq(x) -> bool:
     "Is `x` a sequence of ids (list, tuple, 1-D tensor or array), rather than a single id?"
     return (isinstance(x, Sequence) and not isinstance(x, (str, bytes))) or getattr(x, "ndim", 0) >= 1
 
+# %% ../nbs/06b_inference.ipynb #ce8b8b8f
+def _check_prompt(i: int, p, vocab_size: int) -> list[int]:
+    "Prompt number `i` as a list of ints, checked: a non-empty sequence of token ids in `[0, vocab_size)`."
+    if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+        raise TypeError(f"prompt {i} must be a list of token ids, got {type(p).__name__}: {p!r}"[:200])
+    if len(p) == 0:
+        raise ValueError(f"prompt {i} is empty: generation needs at least one token to condition on "
+                         "(for unconditional sampling, start from the end-of-text token)")
+    for j, t in enumerate(p):
+        if not _is_int(t): raise TypeError(f"token ids must be integers, got {t!r} ({type(t).__name__}) at prompt {i}, position {j}")
+        if not 0 <= t < vocab_size: raise ValueError(f"token id {t} at prompt {i}, position {j} is outside the model's vocabulary [0, {vocab_size})")
+    return [int(t) for t in p]
+
+# %% ../nbs/06b_inference.ipynb #6e5e025e
 def _as_prompt_list(prompt_ids, vocab_size: int) -> list[list[int]]:
     "Normalise prompts (list of ints, list of lists, 1-D or 2-D tensor or array) to a checked list of lists of ints."
     if isinstance(prompt_ids, np.ndarray): prompt_ids = torch.as_tensor(prompt_ids)
@@ -109,25 +124,39 @@ def _as_prompt_list(prompt_ids, vocab_size: int) -> list[list[int]]:
         if len(prompt_ids) == 0: raise ValueError("no prompt given: pass a list of token ids, or a list of such lists")
         single = not any(_is_seq(t) for t in prompt_ids)   # a flat list of ids is one prompt
         prompts = [list(prompt_ids)] if single else [p.tolist() if hasattr(p, "tolist") else p for p in prompt_ids]
-    for i, p in enumerate(prompts):
-        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
-            raise TypeError(f"prompt {i} must be a list of token ids, got {type(p).__name__}: {p!r}"[:200])
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: generation needs at least one token to condition on "
-                             "(for unconditional sampling, start from the end-of-text token)")
-        for j, t in enumerate(p):
-            if not _is_int(t): raise TypeError(f"token ids must be integers, got {t!r} ({type(t).__name__}) at prompt {i}, position {j}")
-            if not 0 <= t < vocab_size: raise ValueError(f"token id {t} at prompt {i}, position {j} is outside the model's vocabulary [0, {vocab_size})")
-    return [[int(t) for t in p] for p in prompts]
+    return [_check_prompt(i, p, vocab_size) for i, p in enumerate(prompts)]
 
-# %% ../nbs/06b_inference.ipynb #ec365ed6
-def _decode_head(model, device) -> torch.Tensor | None:
-    "A contiguous `[C, V]` copy of the head weight where one-row matmuls are faster with it (CPU, fp32), else None."
+# %% ../nbs/06b_inference.ipynb #50e1ded4
+def _decode_head(model, device) -> Callable[[Tensor], Tensor]:
+    "The output head for decoding: a matmul with a contiguous `[C, V]` copy of the head weight on CPU fp32, else `model.head`."
     w = model.head.weight
-    if device.type != "cpu" or w.dtype != torch.float32 or torch.is_autocast_enabled("cpu"): return None
-    return w.detach().t().contiguous()
+    if device.type != "cpu" or w.dtype != torch.float32 or torch.is_autocast_enabled("cpu"): return model.head
+    w_t = w.detach().t().contiguous()
+    return lambda h: h @ w_t
 
-# %% ../nbs/06b_inference.ipynb #92a7fb6b
+# %% ../nbs/06b_inference.ipynb #e4f0fc37
+def _decode_buffers(prompts, max_new_tokens, eos_token_id, device):
+    "Token, attention-mask and position buffers `[B, L + max_new_tokens]` for a run, the prompts left-padded in front."
+    B = len(prompts)
+    ids, mask = pad_prompts(prompts, device=device)
+    buf = torch.cat([ids, ids.new_full((B, max_new_tokens), eos_token_id if eos_token_id is not None else 0)], 1)
+    mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
+    return buf, mask, position_ids_from_mask(mask)
+
+# %% ../nbs/06b_inference.ipynb #64678f28
+def _step_logits(model, head, buf, mask, pos, cur, cache, padded):
+    "Next-token logits `[B, V]` after the first `cur` columns of `buf`: from the cache if it can be used, else the last window."
+    if cache is not None and cur <= model.cfg.context_length:   # feed what the cache has not seen yet
+        s, m, p = cache.length, mask[:, :cur], pos[:, cache.length:cur]
+    else:                                                       # recompute the last window of at most C columns
+        s = max(0, cur - model.cfg.context_length)
+        m = mask[:, s:cur]; p = position_ids_from_mask(m)
+        cache = None
+    h = model.hidden_states(buf[:, s:cur].clamp(min=0), kv_cache=cache, attention_mask=m if padded else None,
+                            position_ids=p if padded else None, last_only=True)
+    return head(h)[:, -1]
+
+# %% ../nbs/06b_inference.ipynb #4c9a4a56
 def _decode_steps(model, prompts, max_new_tokens, eos_token_id=None, use_cache=True, processors=None, generator=None):
     "Yield `(tokens [B], alive [B])` once per step: each row's new token, and which rows were still generating."
     B, C, dev = len(prompts), model.cfg.context_length, _model_device(model)
@@ -135,28 +164,17 @@ def _decode_steps(model, prompts, max_new_tokens, eos_token_id=None, use_cache=T
     padded = any(len(p) < L for p in prompts)
     procs = processors if isinstance(processors, LogitProcessorList) else compose(processors)
     with _inference(model):
-        ids, mask = pad_prompts(prompts, device=dev)
-        buf = torch.cat([ids, ids.new_full((B, max_new_tokens), eos_token_id if eos_token_id is not None else 0)], 1)
-        mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
-        pos = position_ids_from_mask(mask)
+        buf, mask, pos = _decode_buffers(prompts, max_new_tokens, eos_token_id, dev)
         alive = torch.ones(B, dtype=torch.bool, device=dev)
         fits = min(C, W - 1) >= L  # the cache helps only if the prompt fits in the context
         cache = model.new_kv_cache(B, max_length=min(C, W - 1), device=dev) if use_cache and fits else None
-        head_t = _decode_head(model, dev)
+        head = _decode_head(model, dev)
     for t in range(max_new_tokens):
         cur = L + t  # columns filled so far
         with _inference(model):
-            if cache is not None and cur <= C:     # feed what the cache has not seen yet (one column after the prefill)
-                past = cache.length
-                logits = model(buf[:, past:cur].clamp(min=0), kv_cache=cache,
-                               attention_mask=mask[:, :cur] if padded else None,
-                               position_ids=pos[:, past:cur] if padded else None, last_only=True, head_weight_t=head_t)
-            else:                                  # recompute the last window of at most C columns
-                cache, s = None, max(0, cur - C)
-                m = mask[:, s:cur]
-                logits = model(buf[:, s:cur].clamp(min=0), attention_mask=m if padded else None,
-                               position_ids=position_ids_from_mask(m) if padded else None, last_only=True, head_weight_t=head_t)
-            nxt = sample_next_token(logits[:, -1], procs, generator, input_ids=buf[:, :cur])
+            logits = _step_logits(model, head, buf, mask, pos, cur, cache, padded)
+            if cache is not None and cur > C: cache = None   # the window slides: the cache is stale from now on
+            nxt = sample_next_token(logits, procs, generator, input_ids=buf[:, :cur])
             if eos_token_id is not None: nxt = torch.where(alive, nxt, eos_token_id)
             buf[:, cur] = nxt
             was_alive = alive
@@ -164,7 +182,18 @@ def _decode_steps(model, prompts, max_new_tokens, eos_token_id=None, use_cache=T
         yield nxt, was_alive
         if eos_token_id is not None and not alive.any(): return
 
-# %% ../nbs/06b_inference.ipynb #2dd36aeb
+# %% ../nbs/06b_inference.ipynb #93de8c63
+def _make_generator(seed, generator, device) -> torch.Generator | None:
+    "The random generator to sample with: a fresh one seeded with `seed`, or `generator` (checked to be on `device`)."
+    if seed is not None and generator is not None: raise ValueError("give either seed or generator, not both")
+    if seed is not None:
+        if not _is_int(seed): raise ValueError(f"seed must be an integer, got {seed!r}")
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device} but the model is on {device}: create it with torch.Generator(device='{device}')")
+    return generator
+
+# %% ../nbs/06b_inference.ipynb #5189c1df
 def _check_generate_args(model, prompt_ids, max_new_tokens, eos_token_id, temperature, top_k, top_p,
                          repetition_penalty, processors, seed, generator):
     "Validate `generate`'s arguments; return the prompts, the processor list and the generator."
@@ -175,12 +204,7 @@ def _check_generate_args(model, prompt_ids, max_new_tokens, eos_token_id, temper
     if eos_token_id is not None and (not _is_int(eos_token_id) or not 0 <= eos_token_id < V):
         raise ValueError(f"eos_token_id must be None or a token id in [0, {V}), got {eos_token_id!r}")
     procs = compose(processors, processors_from_config(temperature, top_k, top_p, repetition_penalty))
-    if seed is not None and generator is not None: raise ValueError("give either seed or generator, not both")
-    if seed is not None:
-        if not _is_int(seed): raise ValueError(f"seed must be an integer, got {seed!r}")
-        generator = torch.Generator(device=dev).manual_seed(int(seed))
-    if generator is not None and generator.device.type != dev.type:
-        raise ValueError(f"the generator is on {generator.device} but the model is on {dev}: create it with torch.Generator(device='{dev}')")
+    generator = _make_generator(seed, generator, dev)
     L = max(len(p) for p in prompts)
     if max_new_tokens and L + max_new_tokens - 1 > C:
         warnings.warn(f"prompt ({L} tokens) + {max_new_tokens} new tokens exceed the context length {C}: the model will "
@@ -231,8 +255,7 @@ def generate_stream(
     for tokens, alive in _decode_steps(self, prompts, max_new_tokens, args["eos_token_id"], use_cache, procs, gen):
         yield [t if a else None for t, a in zip(tokens.tolist(), alive.tolist())]
 
-# %% ../nbs/06b_inference.ipynb #3e6388fb
-@delegates(Transformer.generate, but=["eos_token_id"])
+# %% ../nbs/06b_inference.ipynb #a6e5a4a8
 def vocab_guard(
     model: Transformer,  # the model
     tokenizer,  # the tokenizer whose ids it was trained on
@@ -241,6 +264,7 @@ def vocab_guard(
     V, M = tokenizer.vocab_size, model.cfg.vocab_size
     return SuppressTokensProcessor(range(V, M)) if M > V else None
 
+# %% ../nbs/06b_inference.ipynb #ecfa1b41
 def generate_text(
     model: Transformer,  # the model
     tokenizer,  # a `Tokenizer` (`01_tokenizer`) whose ids the model was trained on

@@ -116,7 +116,7 @@ class GreedyProcessor(LogitProcessor):
         best = logits.argmax(-1, keepdim=True)
         return torch.full_like(logits, float("-inf")).scatter(-1, best, logits.gather(-1, best))
 
-# %% ../nbs/06a_logit_processors.ipynb #aa897c9c
+# %% ../nbs/06a_logit_processors.ipynb #4041be80
 class LogitProcessorList(list, LogitProcessor):
     "A list of logit processors that applies them in order; itself a processor."
     def __init__(self,
@@ -135,6 +135,7 @@ class LogitProcessorList(list, LogitProcessor):
         return bool(self) and isinstance(self[-1], GreedyProcessor)
     def __repr__(self): return f"LogitProcessorList({list.__repr__(self)})"
 
+# %% ../nbs/06a_logit_processors.ipynb #1c5781ef
 def compose(
     *processors: Callable | Iterable[Callable] | None,  # processors, lists of processors, or `None` (skipped)
 ) -> LogitProcessorList:

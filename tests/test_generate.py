@@ -1,5 +1,7 @@
 "Tests of llm_playground.inference_utils (Transformer.generate and friends) too heavy or too broad for notebook 06b."
 import random
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -41,18 +43,18 @@ def quiet(f, *args, **kwargs):
 
 
 class Recorder:
-    "Wrap `model.forward` to record the shape of every call and whether it used a cache."
+    "Wrap `model.hidden_states` (the trunk the decode loop runs) to record the shape of every call and whether it used a cache."
     def __init__(self, model):
         self.model, self.calls, self.caches = model, [], []
-        self.orig_forward, self.orig_new = model.forward, model.new_kv_cache
-        def forward(input_ids, **kw):
+        self.orig_hidden, self.orig_new = model.hidden_states, model.new_kv_cache
+        def hidden_states(input_ids, **kw):
             self.calls.append((tuple(input_ids.shape), kw.get("kv_cache") is not None))
-            return self.orig_forward(input_ids, **kw)
+            return self.orig_hidden(input_ids, **kw)
         def new_kv_cache(*a, **kw):
             c = self.orig_new(*a, **kw); self.caches.append(c); return c
-        model.forward, model.new_kv_cache = forward, new_kv_cache
+        model.hidden_states, model.new_kv_cache = hidden_states, new_kv_cache
     def __enter__(self): return self
-    def __exit__(self, *exc): del self.model.forward, self.model.new_kv_cache
+    def __exit__(self, *exc): del self.model.hidden_states, self.model.new_kv_cache
 
 
 # ---------------------------------------------------------------- exactness: cache, batching
@@ -337,3 +339,31 @@ def test_generate_text_gpt2_padded_vocab():
                      processors=SuppressTokensProcessor(range(tok.vocab_size, 50304)))[0]
     assert all(t < tok.vocab_size for t in ids)
     assert generate_text(m, tok, "Hello world", max_new_tokens=8, temperature=0, stop_at_eot=False)[0] == tok.decode(ids)
+
+
+# ---------------------------------------------------------------- imports
+
+def test_generate_needs_only_the_model_import():
+    "In a fresh interpreter, importing `Transformer` is enough to generate (transformer.py imports inference_utils last)."
+    code = ("import torch; from llm_playground.transformer import Transformer; torch.manual_seed(0); "
+            "m = Transformer(vocab_size=11, context_length=8, emb_dim=8, n_layers=1, n_heads=2); "
+            "out = m.generate([1, 2], 3, temperature=0); assert len(out[0]) == 3, out; "
+            "s = m.generate_stream([1, 2], 2, temperature=0); assert len(list(s)) == 2; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_inference_utils_first_also_works():
+    "The circular import works from either end: importing inference_utils first gives the same methods."
+    code = ("import llm_playground.inference_utils as iu; from llm_playground.transformer import Transformer; "
+            "assert Transformer.generate is iu.Transformer.generate; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_config_and_preprocess_do_not_import_torch():
+    "lp_corpus and lp_preprocess start fast: their modules never import torch (nor the model)."
+    code = ("import sys, llm_playground.config, llm_playground.preprocess; "
+            "bad = [m for m in ('torch', 'llm_playground.transformer') if m in sys.modules]; assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

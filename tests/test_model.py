@@ -1,4 +1,5 @@
 "Model-side checks (llm_playground.attention, llm_playground.transformer) beyond the quick ones in nbs/04 and nbs/05."
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from omegaconf import OmegaConf
 
 from llm_playground.attention import KVCache, MultiHeadAttention, causal_mask, kv_cache_bytes, make_attn_mask
 from llm_playground.config import ConfigError, compose_config, config_dir
-from llm_playground.transformer import PRESETS, ModelConfig, Transformer, model_config
+from llm_playground.transformer import PRESETS, ModelConfig, Transformer, model_config, model_preset, preset_names
 
 SMALL = dict(vocab_size=97, context_length=48, emb_dim=48, n_layers=3, n_heads=6)
 
@@ -199,10 +200,20 @@ def test_init():
 
 
 def test_presets_yaml_and_param_counts():
-    for name, p in PRESETS.items():
-        yaml = OmegaConf.load(config_dir() / "model" / f"{name}.yaml")
-        assert model_config(yaml) == model_config(p), name
-    expected = {"gpt2_124m": 124_439_808, "gpt2_355m": 354_823_168, "gpt2_774m": 774_030_080, "gpt2_1558m": 1_557_611_200}
+    "Every YAML file of the model group is a preset that builds; the files state only what differs from the defaults."
+    files = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+    assert sorted(PRESETS) == sorted(preset_names()) == files
+    defaults = dataclasses.asdict(ModelConfig())
+    for name in files:
+        diff = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{name}.yaml"))
+        assert diff.pop("defaults") == ["model_schema"], name                   # Hydra starts from ModelConfig
+        assert all(defaults[k] != v for k, v in diff.items()), (name, diff)     # nothing restated
+        assert model_preset(name) == PRESETS[name] == {**defaults, **diff}, name
+        with torch.device("meta"):
+            assert Transformer.from_preset(name).cfg == model_config(diff), name
+    assert set(OmegaConf.load(config_dir() / "model" / "gpt2_124m.yaml")) == {"defaults"}   # the defaults are GPT-2 124M
+    expected = {"tiny": 16_090_880, "gpt2_124m": 124_439_808, "gpt2_355m": 354_823_168, "gpt2_774m": 774_030_080,
+                "gpt2_1558m": 1_557_611_200}
     with torch.device("meta"):
         for name, n in expected.items():
             m = Transformer.from_preset(name)
@@ -210,6 +221,42 @@ def test_presets_yaml_and_param_counts():
             assert m.cfg.head_dim == 64
     with torch.device("meta"):
         assert Transformer.from_preset("gpt2_124m", context_length=256).cfg.context_length == 256
+    assert list(PRESETS) == ["tiny", "gpt2_124m", "gpt2_355m", "gpt2_774m", "gpt2_1558m"]   # smallest first
+    with pytest.raises(KeyError): PRESETS["gpt5"]
+    with pytest.raises(ConfigError, match="Unknown model preset 'gpt5'. Presets: tiny, gpt2_124m"): model_preset("gpt5")
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt2_124m", "gpt2_355m", "gpt2_774m", "gpt2_1558m"])
+def test_hydra_composes_each_preset_from_the_defaults(name):
+    "`model=<name>` composes to exactly `model_preset(name)`, although lp_pretrain's own default model is tiny."
+    cfg = compose_config("pretrain", [f"model={name}"])
+    assert model_config(cfg.model) == ModelConfig(**model_preset(name))
+    with_override = compose_config("pretrain", [f"model={name}", "model.drop_attn=0.1"])
+    assert model_config(with_override.model) == ModelConfig(**{**model_preset(name), "drop_attn": 0.1})
+
+
+def test_forward_contract():
+    "forward takes what a model needs, nothing for the speed of generation; forward = head(hidden_states)."
+    import inspect
+    kw = [n for n, p in inspect.signature(Transformer.forward).parameters.items() if p.kind == p.KEYWORD_ONLY]
+    assert kw == ["attention_mask", "position_ids", "kv_cache", "return_attn", "last_only"]
+    torch.manual_seed(0)
+    m = Transformer(SMALL).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(m.head(m.hidden_states(ids)), m(ids))
+        torch.testing.assert_close(m.head(m.hidden_states(ids, last_only=True)), m(ids, last_only=True))
+        assert m(ids, last_only=True).shape == (2, 1, 97)
+
+
+def test_presets_are_read_lazily():
+    "Importing the model module reads no preset file (they are read when a preset is asked for)."
+    import subprocess, sys
+    code = ("import pathlib; from omegaconf import OmegaConf; orig = OmegaConf.load; seen = []; "
+            "OmegaConf.load = lambda f, *a, **k: (seen.append(str(f)), orig(f, *a, **k))[1]; "
+            "import llm_playground.transformer as t; assert not seen, seen; t.PRESETS['tiny']; assert seen; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def test_model_group_composes_with_hydra():
