@@ -22,11 +22,6 @@ from .config import ConfigError, hydra_main, validate_config
 from .tokenizer import ENDOFTEXT, CharTokenizer, GPT2Tokenizer, Tokenizer, build_tokenizer
 from .utils import UserError, atomic_write, is_temp_file, run_cli
 
-# %% ../nbs/02b_preprocess.ipynb #b2c0e000
-# kept importable from here until the package is re-installed: the installed `lp_corpus` entry point may still name
-# `llm_playground.preprocess:corpus_main` (it lives in `corpus` now)
-from .corpus import corpus_main
-
 # %% ../nbs/02b_preprocess.ipynb #d9a0e56a
 class PreprocessError(UserError):
     "The input of preprocessing is unusable; the message names the file and the fix."
