@@ -48,6 +48,7 @@ class EvalCB(Callback):
 # %% ../nbs/07c_callbacks.ipynb #33709df2
 def _write(s: str): tqdm.write(s)
 
+# %% ../nbs/07c_callbacks.ipynb #7c0d0004
 class SampleCB(Callback):
     "Generate text from the sampling prompts every `every_n_steps` steps and/or every epoch; print and save it."
     order = 30

@@ -21,6 +21,7 @@ def _no_decay_module(m: nn.Module) -> bool:
     "Is `m` an embedding or a normalisation layer (whose weights are not decayed)?"
     return isinstance(m, nn.Embedding) or "norm" in type(m).__name__.lower()
 
+# %% ../nbs/07a_optimiser.ipynb #5d0c1a09
 def param_groups(
     model: nn.Module,  # the model whose trainable parameters are grouped
     weight_decay: float,  # decay of the first group, the matrices of linear layers (in training: `OptimiserConfig.weight_decay`)
