@@ -62,7 +62,7 @@ def bench(precision, args, device):
     t = Trainer(make_model(), data, cfg=cfg, cbs=[timer])
     # the bare loop: same model, same optimiser groups, schedule, clipping and autocast
     model = make_model().to(device)
-    opt = create_optimiser(model, None); sched = create_scheduler(opt, None, total)
+    opt = create_optimiser(model, None); sched = create_scheduler(opt, total)
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(t.precision)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     bare_times, it = [], iter(data)

@@ -15,13 +15,13 @@ from tqdm.auto import tqdm
 
 from .config import validate_config
 from .inference_utils import generate_text
-from .trainer import Callback, SamplingConfig, _fork_rng, read_metrics
+from .trainer import Callback, SamplingConfig, TrainerConfig, _fork_rng, read_metrics
 
 # %% ../nbs/07c_callbacks.ipynb #506c8604
 class MetricsCB(Callback):
     "Log training loss, learning rate, gradient norm, tokens seen and tokens/s every `log_steps` steps."
     order = 10
-    def __init__(self, log_steps: int = 10): self.log_steps = log_steps  # steps between logged rows
+    def __init__(self, log_steps: int = TrainerConfig.log_steps): self.log_steps = log_steps  # steps between logged rows (0: none)
     def before_fit(self, t): self._reset(t)
     def _reset(self, t): self.loss_sum, self.n, self.t0, self.tok0 = 0.0, 0, time.perf_counter(), t.tokens_seen
     def after_step(self, t):
@@ -36,7 +36,7 @@ class MetricsCB(Callback):
 class EvalCB(Callback):
     "Evaluate every `eval_steps` steps and at the end of each epoch, logging validation loss and perplexity."
     order = 20
-    def __init__(self, eval_steps: int = 0): self.eval_steps = eval_steps  # steps between evaluations (0: per epoch only)
+    def __init__(self, eval_steps: int = TrainerConfig.eval_steps): self.eval_steps = eval_steps  # steps between evaluations (0: per epoch only)
     def before_fit(self, t): t.last_eval = getattr(t, "last_eval", None)
     def _eval(self, t):
         if t.valid_dl is None or (t.last_eval and t.last_eval["step"] == t.step): return
@@ -48,6 +48,7 @@ class EvalCB(Callback):
 # %% ../nbs/07c_callbacks.ipynb #33709df2
 def _write(s: str): tqdm.write(s)
 
+# %% ../nbs/07c_callbacks.ipynb #7c0d0004
 class SampleCB(Callback):
     "Generate text from the sampling prompts every `every_n_steps` steps and/or every epoch; print and save it."
     order = 30

@@ -49,8 +49,6 @@ class CheckpointError(UserError, RuntimeError):
     "A checkpoint is missing, incomplete or corrupt, or does not fit the model."
 
 # %% ../nbs/07d_checkpoint.ipynb #08159a49
-CKPT_DELAY_ENV = "LLM_PLAYGROUND_CKPT_DELAY"
-
 def _fsync(path: Path):
     "Flush `path` (a file or folder) to disk."
     fd = os.open(path, os.O_RDONLY)
@@ -58,10 +56,29 @@ def _fsync(path: Path):
     except OSError: pass
     finally: os.close(fd)
 
+# %% ../nbs/07d_checkpoint.ipynb #7d0d0005
+CKPT_DELAY_ENV = "LLM_PLAYGROUND_CKPT_DELAY"  # seconds to sleep after each file written (a test knob)
+
 def _write_file(path: Path, write: Callable[[Path], Any]):
     "Write `path` with `write(path)`, flush it, then (test knob) sleep."
     write(path); _fsync(path)
     if (d := float(os.environ.get(CKPT_DELAY_ENV, 0) or 0)) > 0: time.sleep(d)
+
+# %% ../nbs/07d_checkpoint.ipynb #7d0d0007
+def _checkpoint_state(t) -> dict:
+    "What `state.pt` holds: the counters, schedule, scaler, random state and data position of the `Trainer` `t`."
+    return dict(step=t.step, epoch=t.epoch, batch_in_epoch=t.batch_in_epoch, tokens_seen=t.tokens_seen,
+                scheduler=t.sched.state_dict(), scaler=t.scaler.state_dict(), rng=rng_state(),
+                data=t.train_dl.state_dict() if hasattr(t.train_dl, "state_dict") else None)
+
+# %% ../nbs/07d_checkpoint.ipynb #7d0d0009
+def _swap_in(tmp: Path, final: Path):
+    "Rename the finished folder `tmp` to `final`, atomically; a `final` already there is set aside, then deleted."
+    old = final.with_name(f".old_{final.name}")
+    if final.exists(): os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    if old.exists(): shutil.rmtree(old)
 
 # %% ../nbs/07d_checkpoint.ipynb #8649c6dc
 def save_checkpoint(
@@ -75,12 +92,9 @@ def save_checkpoint(
     name = f"step_{t.step:08d}"
     final, tmp = parent/name, parent/f".tmp_{name}"
     tmp.mkdir()
-    state = dict(step=t.step, epoch=t.epoch, batch_in_epoch=t.batch_in_epoch, tokens_seen=t.tokens_seen,
-                 scheduler=t.sched.state_dict(), scaler=t.scaler.state_dict(), rng=rng_state(),
-                 data=t.train_dl.state_dict() if hasattr(t.train_dl, "state_dict") else None)
     _write_file(tmp/"model.safetensors", lambda p: _save_safetensors(t.model, str(p)))
     _write_file(tmp/"optimizer.pt", lambda p: torch.save(t.opt.state_dict(), p))
-    _write_file(tmp/"state.pt", lambda p: torch.save(state, p))
+    _write_file(tmp/"state.pt", lambda p: torch.save(_checkpoint_state(t), p))
     if t.snapshot is not None: _write_file(tmp/"config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(t.snapshot), encoding="utf-8"))
     ev = getattr(t, "last_eval", None)
     meta = dict(format=1, step=t.step, epoch=t.epoch, tokens_seen=t.tokens_seen,
@@ -88,11 +102,7 @@ def save_checkpoint(
                 files={f.name: dict(sha256=file_sha256(f), bytes=f.stat().st_size) for f in sorted(tmp.iterdir())})
     _write_file(tmp/"checkpoint.json", lambda p: p.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
     _fsync(tmp)
-    old = final.with_name(f".old_{final.name}")
-    if final.exists(): os.replace(final, old)  # set aside (not deleted) until the new one is in place
-    os.replace(tmp, final)
-    _fsync(parent)
-    if old.exists(): shutil.rmtree(old)
+    _swap_in(tmp, final)
     return final
 
 # %% ../nbs/07d_checkpoint.ipynb #2aa5f570
@@ -105,7 +115,10 @@ def verify_checkpoint(
     if not path.is_dir(): raise CheckpointError(f"Checkpoint not found: {path}")
     try: meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e: raise CheckpointError(f"Incomplete or corrupt checkpoint: cannot read {meta_file} ({e}).") from None
-    for name, info in meta["files"].items():
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(i, dict) and {"sha256", "bytes"} <= i.keys() for i in files.values()):
+        raise CheckpointError(f"Incomplete or corrupt checkpoint: {meta_file} has no valid list of files (with their sha256 and bytes).")
+    for name, info in files.items():
         f = path/name
         if not f.is_file(): raise CheckpointError(f"Corrupt checkpoint: {f} is missing.")
         if f.stat().st_size != info["bytes"]: raise CheckpointError(f"Corrupt checkpoint: {f} has {f.stat().st_size} bytes, expected {info['bytes']} (truncated?).")
@@ -124,7 +137,7 @@ def list_checkpoints(
 # %% ../nbs/07d_checkpoint.ipynb #9b85ac96
 def find_checkpoint(
     path: str | Path,  # a checkpoint folder, or a run directory (its latest checkpoint)
-    fallback: bool = False,  # if it is damaged, use the newest good checkpoint before it
+    fallback: bool = TrainerConfig.resume_fallback,  # if it is damaged, use the newest good checkpoint before it
 ) -> Path:  # a verified checkpoint folder
     "The checkpoint to resume from, verified; with `fallback`, the previous good one when it is damaged."
     path = Path(path)
@@ -148,6 +161,7 @@ def _tied_alias(model, key, saved) -> bool:
     sd = model.state_dict()
     return any(k in saved and sd[k].data_ptr() == sd[key].data_ptr() for k in sd if k != key)
 
+# %% ../nbs/07d_checkpoint.ipynb #7d0d0010
 def _shape_diff(model: nn.Module, path: Path) -> list[str]:
     "Differences between the tensors of `model` and those of the safetensors file `path`."
     from safetensors import safe_open
@@ -205,6 +219,7 @@ def load_checkpoint(
     _apply_optimiser_config(t)  # this run's optimiser settings win over the saved ones (a resume may lower the lr)
     t.scaler.load_state_dict(st["scaler"])
     t.step, t.epoch, t.batch_in_epoch, t.tokens_seen = st["step"], st["epoch"], st["batch_in_epoch"], st["tokens_seen"]
+    if t.batch_in_epoch >= len(t.train_dl): t.epoch, t.batch_in_epoch = t.epoch + 1, 0  # the epoch (and its callbacks) ran
     if st["data"] is not None and hasattr(t.train_dl, "load_state_dict"): t.train_dl.load_state_dict(st["data"])
     t._restore_rng = lambda: set_rng_state(st["rng"])  # run by the loop once the data loader is in place
     meta = json.loads((path/"checkpoint.json").read_text())
@@ -216,8 +231,8 @@ def load_checkpoint(
 # %% ../nbs/07d_checkpoint.ipynb #263482aa
 def prune_checkpoints(
     path: str | Path,  # a run directory or its `checkpoints` folder
-    keep_last: int = 2,  # keep the newest `keep_last` checkpoints
-    keep_best: bool = True,  # also keep the one with the lowest validation loss
+    keep_last: int = TrainerConfig.keep_last,  # keep the newest `keep_last` checkpoints
+    keep_best: bool = TrainerConfig.keep_best,  # also keep the one with the lowest validation loss
 ) -> list[Path]:  # the checkpoints kept
     "Delete old checkpoints, keeping the newest `keep_last` and the best by validation loss."
     ckpts = list_checkpoints(path)
@@ -234,9 +249,9 @@ class CheckpointCB(Callback):
     "Save a checkpoint every `save_steps` steps and at the end; keep the last `keep_last` plus the best."
     order = 40
     def __init__(self,
-                 save_steps: int = 0,  # steps between checkpoints (0: only at the end)
-                 keep_last: int = 2,  # checkpoints kept, newest first
-                 keep_best: bool = True,  # also keep the best by validation loss
+                 save_steps: int = TrainerConfig.save_steps,  # steps between checkpoints (0: only at the end)
+                 keep_last: int = TrainerConfig.keep_last,  # checkpoints kept, newest first
+                 keep_best: bool = TrainerConfig.keep_best,  # also keep the best by validation loss
                 ): self.save_steps, self.keep_last, self.keep_best = save_steps, keep_last, keep_best
     def before_fit(self, t): self._saved = t.step if getattr(t, "resumed_from", None) else None
     def save(self, t):
@@ -244,8 +259,11 @@ class CheckpointCB(Callback):
         if t.run_dir is None or self._saved == t.step: return
         t.last_checkpoint, self._saved = t.save_checkpoint(), t.step
         prune_checkpoints(t.run_dir, self.keep_last, self.keep_best)
+    def _due(self, t) -> bool: return bool(self.save_steps) and t.step % self.save_steps == 0
     def after_step(self, t):
-        if self.save_steps and t.step % self.save_steps == 0: self.save(t)
+        if self._due(t) and t.batch_in_epoch < len(t.train_dl): self.save(t)  # an epoch's last step: in after_epoch
+    def after_epoch(self, t):
+        if self._due(t): self.save(t)
     def after_fit(self, t): self.save(t)
 
 # %% ../nbs/07d_checkpoint.ipynb #c16c0458

@@ -21,9 +21,10 @@ def _no_decay_module(m: nn.Module) -> bool:
     "Is `m` an embedding or a normalisation layer (whose weights are not decayed)?"
     return isinstance(m, nn.Embedding) or "norm" in type(m).__name__.lower()
 
+# %% ../nbs/07a_optimiser.ipynb #5d0c1a09
 def param_groups(
     model: nn.Module,  # the model whose trainable parameters are grouped
-    weight_decay: float = 0.1,  # decay of the first group (matrices of linear layers)
+    weight_decay: float,  # decay of the first group, the matrices of linear layers (in training: `OptimiserConfig.weight_decay`)
 ) -> list[dict]:  # two optimiser parameter groups, each with a `names` list
     "AdamW parameter groups: decay weight matrices; not biases, normalisation gains or embeddings."
     no_decay = set()
@@ -70,9 +71,9 @@ class LRSchedule:
     "Learning-rate multiplier: linear warmup to 1, then cosine (or linear, or constant) decay to `min_ratio`."
     def __init__(self,
                  total_steps: int,  # optimiser steps of the whole run
-                 warmup_steps: int = 0,  # steps of linear warmup
-                 min_ratio: float = 0.1,  # the multiplier at the last step
-                 kind: str = "cosine",  # cosine, linear or constant (after the warmup)
+                 warmup_steps: int = OptimiserConfig.warmup_steps,  # steps of linear warmup
+                 min_ratio: float = OptimiserConfig.min_lr_ratio,  # the multiplier at the last step
+                 kind: str = OptimiserConfig.schedule,  # cosine, linear or constant (after the warmup)
                 ):
         if kind not in ("cosine", "linear", "constant"): raise ConfigError(f"Unknown schedule '{kind}': use cosine, linear or constant.")
         self.total_steps, self.warmup_steps, self.min_ratio, self.kind = int(total_steps), int(warmup_steps), float(min_ratio), kind
@@ -97,8 +98,8 @@ def warmup_steps_for(
 # %% ../nbs/07a_optimiser.ipynb #9ed7a637
 def create_scheduler(
     opt: torch.optim.Optimizer,  # the optimiser whose learning rate is scheduled
-    cfg: OptimiserConfig | DictConfig | dict | None,  # the `optimiser` config (None: `OptimiserConfig()`)
     total_steps: int,  # optimiser steps of the whole run
+    cfg: OptimiserConfig | DictConfig | dict | None = None,  # the `optimiser` config (None: `OptimiserConfig()`)
 ) -> torch.optim.lr_scheduler.LambdaLR:
     "A `LambdaLR` following `LRSchedule` with the warmup and decay `cfg` describes."
     cfg = validate_config(cfg, OptimiserConfig, "optimiser")

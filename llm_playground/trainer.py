@@ -118,7 +118,7 @@ def resolve_precision(
     precision: str,  # fp32, bf16, fp16 or auto
     device: torch.device,  # where training runs
 ) -> str:  # fp32, bf16 or fp16
-    "The precision to train in: `auto` is bf16 on CPUs and on GPUs that support it, else fp32."
+    "The precision to train in: `auto` is bf16 on CPUs and bf16-capable CUDA GPUs, fp16 on other CUDA GPUs, else fp32."
     precision = str(precision).lower()
     if precision not in ("auto", "fp32", "bf16", "fp16"): raise ConfigError(f"Unknown trainer.precision '{precision}': use auto, fp32, bf16 or fp16.")
     if precision == "fp16" and device.type != "cuda": raise ConfigError("trainer.precision=fp16 needs CUDA; use bf16 or fp32 here.")
@@ -158,52 +158,38 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(train_dl) / self.accum)
         self.total_steps = self.cfg.max_steps or self.cfg.num_epochs * self.steps_per_epoch
         self.opt = create_optimiser(self.model, self.opt_cfg)
-        self.sched = create_scheduler(self.opt, self.opt_cfg, self.total_steps)
+        self.sched = create_scheduler(self.opt, self.total_steps, self.opt_cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = self.epoch = self.batch_in_epoch = self.tokens_seen = 0
         self.history, self.snapshot, self._restore_rng, self.fwd_model = [], None, None, self.model
 
-    def callback(self, event: str):
-        "Run `event` (e.g. `after_step`) on the trainer's callbacks."
-        run_cbs(self.cbs, event, self)
-
-    @property
-    def done(self) -> bool: return self.step >= self.total_steps
-
-# %% ../nbs/07b_trainer.ipynb #b7bd9064
+# %% ../nbs/07b_trainer.ipynb #6b0d0105
 @patch
-def fit(self: Trainer):
-    "Train until `total_steps` optimiser steps are done (counting those of a resumed run)."
-    if self.cfg.deterministic: torch.use_deterministic_algorithms(True)
-    if self.cfg.compile: self.fwd_model = torch.compile(self.model)
-    with torch.enable_grad(): self._fit()  # train even when called under `torch.no_grad()`
-    return self
+def callback(self: Trainer, event: str):
+    "Run `event` (e.g. `after_step`) on the trainer's callbacks."
+    run_cbs(self.cbs, event, self)
 
-@patch
-@with_cbs("fit")
-def _fit(self: Trainer):
-    while not self.done:
-        self._one_epoch()
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-@patch
-@with_cbs("epoch")
-def _one_epoch(self: Trainer):
-    self.model.train()
-    for self.batches in self._step_batches(): self._one_step()
+# %% ../nbs/07b_trainer.ipynb #6b0d0107
+@patch(as_prop=True)
+def done(self: Trainer) -> bool:
+    "Has the run reached `total_steps`?"
+    return self.step >= self.total_steps
 
 # %% ../nbs/07b_trainer.ipynb #ad62d743
 @patch
 def _step_batches(self: Trainer):
     "Groups of micro-batches, one group per optimiser step, for the rest of the current epoch."
     dl, resumable = self.train_dl, hasattr(self.train_dl, "load_state_dict")
+    restore_rng, self._restore_rng = self._restore_rng or (lambda: None), None  # set by a resume (`load_checkpoint`)
     if self.batch_in_epoch == 0:  # a new epoch, from its first batch
         if resumable: dl.load_state_dict({**dl.state_dict(), "epoch": self.epoch, "samples_yielded": 0})
         elif hasattr(getattr(dl, "sampler", None), "set_epoch"): dl.sampler.set_epoch(self.epoch)
+        restore_rng()
     it = iter(dl)
-    if self.batch_in_epoch and not resumable:
-        for _ in range(self.batch_in_epoch): next(it)
-    if self._restore_rng is not None: self._restore_rng(); self._restore_rng = None
+    if self.batch_in_epoch:  # mid-epoch, after a resume
+        if not resumable:
+            for _ in range(self.batch_in_epoch): next(it)
+        restore_rng()
     remaining = len(dl) - self.batch_in_epoch
     while remaining > 0 and not self.done:
         k = min(self.accum, remaining)
@@ -217,6 +203,7 @@ def autocast(self: Trainer):
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(self.precision)
     return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
+# %% ../nbs/07b_trainer.ipynb #6b0d010d
 @patch
 @with_cbs("step")
 def _one_step(self: Trainer):
@@ -234,6 +221,33 @@ def _one_step(self: Trainer):
     self.scaler.step(self.opt); self.scaler.update(); self.opt.zero_grad(set_to_none=True)
     self.sched.step()
     self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + n
+
+# %% ../nbs/07b_trainer.ipynb #b7bd9064
+@patch
+@with_cbs("epoch")
+def _one_epoch(self: Trainer):
+    self.model.train()
+    for self.batches in self._step_batches(): self._one_step()
+
+# %% ../nbs/07b_trainer.ipynb #6b0d0114
+@patch
+@with_cbs("fit")
+def _fit(self: Trainer):
+    while not self.done:
+        self._one_epoch()
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+# %% ../nbs/07b_trainer.ipynb #6b0d0115
+@patch
+def fit(self: Trainer):
+    "Train until `total_steps` optimiser steps are done (counting those of a resumed run)."
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if self.cfg.deterministic: torch.use_deterministic_algorithms(True)
+    if self.cfg.compile: self.fwd_model = torch.compile(self.model)
+    try:
+        with torch.enable_grad(): self._fit()  # train even when called under `torch.no_grad()`
+    finally: torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    return self
 
 # %% ../nbs/07b_trainer.ipynb #c26a9114
 @patch
@@ -289,6 +303,7 @@ def save_checkpoint(self: Trainer,
     from llm_playground.checkpoint import save_checkpoint  # the later chapter that builds on this one
     return save_checkpoint(self, ckpt_dir)
 
+# %% ../nbs/07b_trainer.ipynb #6b0d0204
 @patch
 def load_checkpoint(self: Trainer,
                     path: str | Path,  # a checkpoint folder, or a run directory (its latest checkpoint)

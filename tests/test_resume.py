@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm_playground.trainer import Callback, Trainer
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -150,3 +152,64 @@ def test_bad_resumes(data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Resuming" in r.stdout and "from step 8" in r.stdout, r.stdout
     assert sorted(c.name for c in (run_dir/"checkpoints").glob("step_*"))[-1] == "step_00000014"
+
+
+class _Crash(Callback):
+    "Simulate a kill (no end-of-fit checkpoint) at `event` of step `step`."
+    order = 100  # after every default callback
+    def __init__(self, event, step): self.event, self.at = event, step
+    def _maybe(self, t):
+        if t.step == self.at: raise KeyboardInterrupt
+    def after_step(self, t):
+        if self.event == "after_step": self._maybe(t)
+    def after_epoch(self, t):
+        if self.event == "after_epoch": self._maybe(t)
+
+
+def _rows(run_dir, name):
+    "The rows of a run's jsonl file, without the wall-clock fields."
+    rows = [json.loads(l) for l in (run_dir/name).read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in rows]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("crash", [("after_step", 5), ("after_epoch", 0), ("after_step", 1)],
+                         ids=["last-step-of-an-epoch", "after-epoch-callbacks", "first-step-of-next-epoch"])
+def test_resume_at_an_epoch_end_is_exact(tmp_path, crash):
+    "A checkpoint at the last step of an epoch: the resumed run logs, samples and ends exactly as an uninterrupted run."
+    from llm_playground.checkpoint import list_checkpoints
+    from llm_playground.config import seed_everything
+    from llm_playground.dataloader import NextTokenPredictionDataset, create_dataloader
+    from llm_playground.tokenizer import CharTokenizer
+    from llm_playground.transformer import Transformer
+    tok = CharTokenizer()
+    ids = tok.encode(real_text())
+    train_ds = NextTokenPredictionDataset(torch.tensor(ids[:8 * 16 * 5 + 1]).numpy(), max_length=16)
+    valid_ds = NextTokenPredictionDataset(torch.tensor(ids[-400:]).numpy(), max_length=16)
+    def run(run_dir, cbs=(), resume=False):
+        run_dir.mkdir(exist_ok=True)
+        seed_everything(0)
+        dl = create_dataloader(train_ds, batch_size=8, seed=0, pin_memory=False)
+        vdl = create_dataloader(valid_ds, batch_size=8, shuffle=False, drop_last=False, pin_memory=False)
+        torch.manual_seed(0)
+        m = Transformer(vocab_size=tok.vocab_size, context_length=16, emb_dim=32, n_layers=2, n_heads=2, drop_resid=0.1)
+        cfg = dict(device="cpu", precision="fp32", num_epochs=3, log_steps=1, eval_steps=3, save_steps=len(dl), keep_last=10,
+                   progress=False, plot=False, sampling=dict(prompts=["The"], max_new_tokens=4, show=False))
+        t = Trainer(m, dl, vdl, cfg=cfg, tokenizer=tok, run_dir=run_dir, cbs=list(cbs))
+        if resume: t.load_checkpoint(run_dir)
+        return t.fit()
+    ref = run(tmp_path/"ref")
+    spe = ref.steps_per_epoch
+    assert spe == 5 and ref.step == 15
+    event, extra = crash
+    crashed = tmp_path/"crash"
+    with pytest.raises(KeyboardInterrupt): run(crashed, [_Crash(event, spe + extra)])
+    # the latest checkpoint is the first epoch's end (one due at step 10 is written in after_epoch, not before it)
+    assert list_checkpoints(crashed)[-1].name == f"step_{spe:08d}"
+    resumed = run(crashed, resume=True)
+    samples = _rows(crashed, "samples.jsonl")
+    assert [r["step"] for r in samples] == [5, 10, 15]  # no duplicate of the epoch-end sample
+    assert samples == _rows(tmp_path/"ref", "samples.jsonl")
+    assert _rows(crashed, "metrics.jsonl") == _rows(tmp_path/"ref", "metrics.jsonl")  # losses, evaluations, counters
+    assert all(torch.equal(a, b) for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values()))
+    assert [p.name for p in list_checkpoints(crashed)] == [p.name for p in list_checkpoints(tmp_path/"ref")]

@@ -125,3 +125,40 @@ def test_precision_and_device_checks(text):
             Trainer(model(tok), tr, cfg=dict(device="cuda"))
     with pytest.raises(ConfigError, match="trainer.precision"):
         Trainer(model(tok), tr, cfg=dict(device="cpu", precision="int8"))
+
+
+def test_signature_defaults_are_the_schema_defaults():
+    "A parameter named after a schema field has no default, or the schema's default (refer to it: one source)."
+    import dataclasses, inspect
+    from llm_playground import callbacks, checkpoint, optimiser, trainer
+    from llm_playground.checkpoint import find_checkpoint
+    from llm_playground.optimiser import LRSchedule, OptimiserConfig
+    from llm_playground.trainer import SamplingConfig, TrainerConfig
+    schemas = [OptimiserConfig, TrainerConfig, SamplingConfig]
+    default = lambda f: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    fields = {}  # field name -> [(schema, its default)]
+    for s in schemas:
+        for f in dataclasses.fields(s): fields.setdefault(f.name, []).append((s.__name__, default(f)))
+    aliases = {(LRSchedule, "min_ratio"): "min_lr_ratio", (LRSchedule, "kind"): "schedule",
+               (find_checkpoint, "fallback"): "resume_fallback"}  # parameters named differently from their field
+    callables = []
+    for mod in (optimiser, trainer, callbacks, checkpoint):
+        for name, obj in vars(mod).items():
+            if getattr(obj, "__module__", None) != mod.__name__ or dataclasses.is_dataclass(obj): continue
+            if inspect.isfunction(obj): callables.append(obj)
+            elif inspect.isclass(obj):
+                callables += [obj] + [m for m in vars(obj).values() if inspect.isfunction(m)]
+    checked, wrong = set(), []
+    for fn in callables:
+        try: params = inspect.signature(fn).parameters.values()
+        except ValueError: continue  # e.g. an exception class
+        for p in params:
+            field_name = aliases.get((fn, p.name), p.name)
+            if field_name not in fields or p.default is inspect.Parameter.empty or p.default is None: continue
+            checked.add(f"{fn.__qualname__}.{p.name}")
+            if any(p.default != d for _, d in fields[field_name]): wrong.append((fn.__qualname__, p.name, p.default, fields[field_name]))
+    assert not wrong, wrong
+    assert {"LRSchedule.warmup_steps", "LRSchedule.min_ratio", "LRSchedule.kind", "MetricsCB.log_steps", "EvalCB.eval_steps",
+            "CheckpointCB.save_steps", "CheckpointCB.keep_last", "CheckpointCB.keep_best", "prune_checkpoints.keep_last",
+            "prune_checkpoints.keep_best", "find_checkpoint.fallback"} <= checked, sorted(checked)
+    assert inspect.signature(param_groups).parameters["weight_decay"].default is inspect.Parameter.empty
