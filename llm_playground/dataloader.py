@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .config import validate_config
 from .preprocess import MANIFEST, load_manifest, token_dtype
 from .tokenizer import Tokenizer
+from .utils import DataError
 
 # %% ../nbs/03_data.ipynb #1365ed2f
 @dataclass
@@ -64,7 +65,7 @@ def _int_dtype(name, where) -> np.dtype:
     "The little-endian integer dtype called `name` (`where` is for the error message)."
     try: dt = np.dtype(name)
     except TypeError: dt = None
-    if dt is None or dt.kind not in "ui": raise ValueError(f"Token dtype {name!r} from {where} is not an integer type (use uint16 or uint32).")
+    if dt is None or dt.kind not in "ui": raise DataError(f"Token dtype {name!r} from {where} is not an integer type (use uint16 or uint32).")
     return dt.newbyteorder("<")
 
 # %% ../nbs/03_data.ipynb #c3d0e007
@@ -103,7 +104,7 @@ def __getitem__(self: TokenStream, idx: slice | int) -> np.ndarray | int:
         if not 0 <= i < len(self): raise IndexError(f"Token {idx} out of range for a stream of {len(self)} tokens.")
         return int(self[i:i+1][0])
     start, stop, step = idx.indices(len(self))
-    if step != 1: raise ValueError("TokenStream slices must have step 1.")
+    if step != 1: raise DataError("TokenStream slices must have step 1.")
     k = bisect.bisect_right(self.offsets, start) - 1
     out = []
     while start < stop:
@@ -144,7 +145,7 @@ def _shard_files(paths) -> list[tuple[Path, bool]]:
 def _text_tokens(f: Path, tokenizer: Tokenizer | None) -> np.ndarray:
     "Token ids of the text file `f`, in the smallest unsigned type that holds the vocabulary."
     if tokenizer is None:
-        raise ValueError(f"{f} is a text file: pass a tokenizer to tokenize it (or preprocess it into .bin shards with lp_preprocess).")
+        raise DataError(f"{f} is a text file: pass a tokenizer to tokenize it (or preprocess it into .bin shards with lp_preprocess).")
     return np.asarray(tokenizer.encode(f.read_text(encoding="utf-8")), dtype=token_dtype(tokenizer.vocab_size))
 
 # %% ../nbs/03_data.ipynb #c3d0e021
@@ -153,7 +154,7 @@ def _bin_tokens(f: Path, dtype: np.dtype | None) -> np.memmap:
     dt = _int_dtype(dtype, "the dtype argument") if dtype is not None else manifest_dtype(f)
     size = f.stat().st_size
     if size % dt.itemsize:
-        raise ValueError(f"{f} holds {size} bytes, not a whole number of {dt.name} tokens ({dt.itemsize} bytes each): wrong dtype?")
+        raise DataError(f"{f} holds {size} bytes, not a whole number of {dt.name} tokens ({dt.itemsize} bytes each): wrong dtype?")
     return np.memmap(f, dtype=dt, mode="r", shape=(size // dt.itemsize,))
 
 # %% ../nbs/03_data.ipynb #322ef91f
@@ -164,12 +165,12 @@ def load_tokens(
 ) -> TokenStream:
     "The token stream of one file, a directory of shards or a list of them, as one `TokenStream`."
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not paths: raise ValueError("No token files given.")
+    if not paths: raise DataError("No token files given.")
     parts, names = [], []
     for f, explicit in _shard_files(paths):
-        if f.suffix not in (".bin", ".txt"): raise ValueError(f"Unsupported token file {f}: expected a .txt or .bin file.")
+        if f.suffix not in (".bin", ".txt"): raise DataError(f"Unsupported token file {f}: expected a .txt or .bin file.")
         if f.stat().st_size == 0:
-            if explicit: raise ValueError(f"{f} is empty: there are no tokens to read.")
+            if explicit: raise DataError(f"{f} is empty: there are no tokens to read.")
             continue
         parts.append(_text_tokens(f, tokenizer) if f.suffix == ".txt" else _bin_tokens(f, dtype))
         names.append(str(f))
@@ -179,8 +180,8 @@ def load_tokens(
 def _positive_int(name: str, v) -> int:
     "`v` as an int, or a clear error unless it is a whole number >= 1."
     try: i = operator.index(v)
-    except TypeError: raise ValueError(f"{name} must be a positive integer, got {v!r}.") from None
-    if isinstance(v, bool) or i < 1: raise ValueError(f"{name} must be a positive integer (>= 1), got {v!r}.")
+    except TypeError: raise DataError(f"{name} must be a positive integer, got {v!r}.") from None
+    if isinstance(v, bool) or i < 1: raise DataError(f"{name} must be a positive integer (>= 1), got {v!r}.")
     return i
 
 # %% ../nbs/03_data.ipynb #c6266d25
@@ -201,7 +202,7 @@ class NextTokenPredictionDataset(Dataset):
         else: self.tokens, self.source = load_tokens(path, tokenizer, dtype), str(path)
         n = len(self.tokens)
         if n < self.max_length + 1:
-            raise ValueError(f"The token stream from {self.source} has {n} tokens, but max_length={self.max_length} needs at least "
+            raise DataError(f"The token stream from {self.source} has {n} tokens, but max_length={self.max_length} needs at least "
                              f"{self.max_length + 1} (a window plus the target's extra token): use a smaller max_length or more data.")
 
     def __len__(self):
@@ -228,7 +229,7 @@ def _seed(seed) -> int:
     "`seed` as a non-negative int, or a clear error."
     try: s = operator.index(seed)
     except TypeError: s = -1
-    if s < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    if s < 0: raise DataError(f"seed must be a non-negative integer, got {seed!r}.")
     return s
 
 # %% ../nbs/03_data.ipynb #4f7fc8e4
@@ -271,10 +272,10 @@ def load_state_dict(self: ResumableSampler,
     "Continue from a position saved by `state_dict()`."
     n = state.get("num_samples", self.num_samples)
     if n != self.num_samples:
-        raise ValueError(f"This sampler state is for a dataset of {n} samples, but this one has {self.num_samples}: "
+        raise DataError(f"This sampler state is for a dataset of {n} samples, but this one has {self.num_samples}: "
                          "the data, max_length or stride changed since it was saved.")
     if not 0 <= state["samples_yielded"] <= self.num_samples:
-        raise ValueError(f"samples_yielded={state['samples_yielded']} is outside 0..{self.num_samples}.")
+        raise DataError(f"samples_yielded={state['samples_yielded']} is outside 0..{self.num_samples}.")
     self.epoch, self.seed, self.samples_yielded = int(state["epoch"]), _seed(state["seed"]), int(state["samples_yielded"])
 
 # %% ../nbs/03_data.ipynb #c3d0e037
@@ -295,7 +296,7 @@ class ResumableDataLoader(DataLoader):
                 ):
         if not isinstance(sampler, ResumableSampler): raise TypeError(f"ResumableDataLoader needs a ResumableSampler, got {type(sampler).__name__}.")
         super().__init__(dataset, sampler=sampler, **kwargs)
-        if self.batch_size is None: raise ValueError("ResumableDataLoader needs a batch_size (not a batch_sampler).")
+        if self.batch_size is None: raise DataError("ResumableDataLoader needs a batch_size (not a batch_sampler).")
         self._delivered = None  # the position while a pass is under way
 
     def __iter__(self):
@@ -337,7 +338,7 @@ def one_batch(self: ResumableDataLoader):
     try:
         for _ in range(2):  # the current epoch may have no batch left: then the first of the next one
             for batch in self: return batch
-        raise ValueError("This loader yields no batches.")
+        raise DataError("This loader yields no batches.")
     finally: self.load_state_dict(state)
 
 # %% ../nbs/03_data.ipynb #eba2ef6c
@@ -356,7 +357,7 @@ def create_dataloader(
     "A `ResumableDataLoader` over `dataset` with seeded, resumable shuffling."
     batch_size = _positive_int("batch_size", batch_size)
     if drop_last and len(dataset) < batch_size:
-        raise ValueError(f"The dataset has {len(dataset)} samples, fewer than batch_size={batch_size}: with drop_last=True "
+        raise DataError(f"The dataset has {len(dataset)} samples, fewer than batch_size={batch_size}: with drop_last=True "
                          "there would be no batch at all. Use a smaller batch_size or more data.")
     if pin_memory is None: pin_memory = torch.cuda.is_available()
     return ResumableDataLoader(dataset, ResumableSampler(dataset, shuffle=shuffle, seed=seed), batch_size=batch_size,

@@ -16,6 +16,7 @@ from fastcore.basics import patch
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from .config import ConfigError
+from .utils import DataError
 
 # %% ../nbs/01_tokenizer.ipynb #4f120564
 ENDOFTEXT = "<|endoftext|>"
@@ -112,7 +113,7 @@ class CharTokenizer(Tokenizer):
             import string
             chars = string.printable
         chars = "".join(sorted(set("".join(chars))))
-        if not chars: raise ValueError("CharTokenizer needs a non-empty alphabet.")
+        if not chars: raise DataError("CharTokenizer needs a non-empty alphabet.")
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
 
@@ -136,7 +137,7 @@ def encode(self: CharTokenizer, text: str) -> list[int]:
         try: out.extend(self.stoi[c] for c in part)
         except KeyError:
             bad = next(i for i, c in enumerate(part) if c not in self.stoi)
-            raise ValueError(f"Character {part[bad]!r} (at offset {bad} of segment {j}) is not in this CharTokenizer's alphabet "
+            raise DataError(f"Character {part[bad]!r} (at offset {bad} of segment {j}) is not in this CharTokenizer's alphabet "
                              f"of {len(self.chars)} characters; build it with CharTokenizer.from_text(corpus).") from None
     return out
 
@@ -146,7 +147,7 @@ def decode(self: CharTokenizer, ids: Iterable[int]) -> str:
     "Text of `ids`."
     n = len(self.chars)
     try: return "".join(ENDOFTEXT if i == n else self.chars[i] for i in map(int, ids))
-    except IndexError: raise ValueError(f"Token id out of range for a vocabulary of {self.vocab_size}.") from None
+    except IndexError: raise DataError(f"Token id out of range for a vocabulary of {self.vocab_size}.") from None
 
 # %% ../nbs/01_tokenizer.ipynb #6a88b241
 def build_tokenizer(
