@@ -343,27 +343,30 @@ def test_generate_text_gpt2_padded_vocab():
 
 # ---------------------------------------------------------------- imports
 
+def fresh_python(code):
+    "Run `code` in a new interpreter; it must print ok."
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_generate_needs_only_the_model_import():
     "In a fresh interpreter, importing `Transformer` is enough to generate (transformer.py imports inference_utils last)."
     code = ("import torch; from llm_playground.transformer import Transformer; torch.manual_seed(0); "
             "m = Transformer(vocab_size=11, context_length=8, emb_dim=8, n_layers=1, n_heads=2); "
             "out = m.generate([1, 2], 3, temperature=0); assert len(out[0]) == 3, out; "
             "s = m.generate_stream([1, 2], 2, temperature=0); assert len(list(s)) == 2; print('ok')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    fresh_python(code)
 
 
 def test_inference_utils_first_also_works():
     "The circular import works from either end: importing inference_utils first gives the same methods."
     code = ("import llm_playground.inference_utils as iu; from llm_playground.transformer import Transformer; "
             "assert Transformer.generate is iu.Transformer.generate; print('ok')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    fresh_python(code)
 
 
 def test_config_and_preprocess_do_not_import_torch():
     "lp_corpus and lp_preprocess start fast: their modules never import torch (nor the model)."
     code = ("import sys, llm_playground.config, llm_playground.preprocess; "
             "bad = [m for m in ('torch', 'llm_playground.transformer') if m in sys.modules]; assert not bad, bad; print('ok')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    fresh_python(code)
