@@ -349,6 +349,35 @@ def _write_shards(todo: list[Path], out: Path, tok: Tokenizer, shards: dict, set
         if written: written.result()
     finally: writer.shutdown()
 
+# %% ../nbs/02b_preprocess.ipynb #b2c0e087
+def _plan(checked: list, out: Path, settings: dict, itemsize: int, force: bool, say: Callable
+         ) -> tuple[dict | None, dict, list[Path], list[str]]:
+    "What a run must do: (earlier manifest, kept entries, shards to process, names of shards gone from `input_dir`)."
+    old = _old_manifest(out, say)
+    kept = {} if force else _unchanged(checked, old, settings, out, itemsize)
+    todo = [p for p, _, _ in checked if p.stem not in kept]
+    removed = sorted(set((old or {}).get("shards", {})) - {p.stem for p, _, _ in checked})
+    if kept: say(f"unchanged, skipped: {', '.join(f'{n}.txt' for n in list(kept)[:10])}{f' and {len(kept) - 10} more' if len(kept) > 10 else ''}")
+    for w in (w for p, _, warns in checked if p.stem not in kept for w in warns): say(w)
+    return old, kept, todo, removed
+
+# %% ../nbs/02b_preprocess.ipynb #b2c0e091
+def _work(todo: list[Path], out: Path, tok: Tokenizer, kept: dict, removed: list[str], settings: dict, say: Callable,
+          progress: bool, **opts) -> dict:
+    "The work pass: update the manifest to `kept`, remove the outputs of `removed`, process `todo`; the new manifest."
+    for s in SPLITS: (out/s).mkdir(parents=True, exist_ok=True)
+    _clean_tmp(out)
+    shards = dict(kept)
+    atomic_write(out/MANIFEST, json.dumps(_manifest(settings, shards), indent=1))
+    for name in removed: _remove_outputs(out, name); say(f"{name}.txt: no longer in input_dir, outputs removed")
+    with tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc="tokenizing",
+              disable=(not progress) or None, file=sys.stderr) as bar:
+        _write_shards(todo, out, tok, shards, settings, say, bar, **opts)
+    t = (manifest := _manifest(settings, shards))["totals"]
+    say(f"{len(todo)} shard(s) processed, {len(kept)} unchanged, {len(removed)} removed; "
+        f"{t['tokens']['train']:,} train + {t['tokens']['validation']:,} validation tokens ({settings['dtype']}) in {out}")
+    return manifest
+
 # %% ../nbs/02b_preprocess.ipynb #b662a3a3
 def preprocess(
     input_dir: str | Path,  # folder of raw `.txt` shards
@@ -370,29 +399,13 @@ def preprocess(
     paths, out = find_shards(input_dir, out_dir), Path(out_dir).expanduser().resolve()
     checked = _check_shards(paths, val_ratio, seed, errors)  # 1. check: nothing is written before every shard has passed
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer() if callable(tokenizer) else GPT2Tokenizer()
-    settings, dtype = _settings(tok, val_ratio, seed, doc_boundary, errors), token_dtype(tok.vocab_size)
-    old = _old_manifest(out, say)
-    kept = {} if force else _unchanged(checked, old, settings, out, dtype.itemsize)
-    todo = [p for p, _, _ in checked if p.stem not in kept]
-    removed = sorted(set((old or {}).get("shards", {})) - {p.stem for p in paths})
-    if kept: say(f"unchanged, skipped: {', '.join(f'{n}.txt' for n in list(kept)[:10])}{f' and {len(kept) - 10} more' if len(kept) > 10 else ''}")
-    for w in (w for p, _, warns in checked if p.stem not in kept for w in warns): say(w)
+    settings = _settings(tok, val_ratio, seed, doc_boundary, errors)
+    old, kept, todo, removed = _plan(checked, out, settings, token_dtype(tok.vocab_size).itemsize, force, say)
     if not todo and not removed and old is not None:
         say(f"All {len(kept)} shards unchanged; nothing to do ({out}).")
         return old
-    for s in SPLITS: (out/s).mkdir(parents=True, exist_ok=True)  # 2. work: drop what is about to change, then shard by shard
-    _clean_tmp(out)
-    shards = dict(kept)
-    atomic_write(out/MANIFEST, json.dumps(_manifest(settings, shards), indent=1))
-    for name in removed: _remove_outputs(out, name); say(f"{name}.txt: no longer in input_dir, outputs removed")
-    with tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc="tokenizing",
-              disable=(not progress) or None, file=sys.stderr) as bar:
-        _write_shards(todo, out, tok, shards, settings, say, bar, val_ratio=val_ratio, seed=seed, doc_boundary=doc_boundary,
-                      errors=errors, batch_chars=batch_chars, num_threads=num_threads)
-    t = (manifest := _manifest(settings, shards))["totals"]
-    say(f"{len(todo)} shard(s) processed, {len(kept)} unchanged, {len(removed)} removed; "
-        f"{t['tokens']['train']:,} train + {t['tokens']['validation']:,} validation tokens ({dtype.name}) in {out}")
-    return manifest
+    return _work(todo, out, tok, kept, removed, settings, say, progress, val_ratio=val_ratio, seed=seed,  # 2. work
+                 doc_boundary=doc_boundary, errors=errors, batch_chars=batch_chars, num_threads=num_threads)
 
 # %% ../nbs/02b_preprocess.ipynb #20c19d6d
 @dataclass
