@@ -208,14 +208,18 @@ def _register_model_schema():
 _register_model_schema()  # in memory only (no file is read): the `model` config group needs it to compose
 
 # %% ../nbs/05_model.ipynb #259b2c16
-def _presets_dir() -> Path: return config_dir()/"model"
+def _presets_dir() -> Path:
+    "The packaged folder of model preset files."
+    return config_dir()/"model"
 
+# %% ../nbs/05_model.ipynb #b4121898
 def _preset_fields(name: str) -> dict:
     "The `ModelConfig` fields the preset file `name` sets (its Hydra defaults list left out)."
     d = OmegaConf.to_container(OmegaConf.load(_presets_dir()/f"{name}.yaml"))
     d.pop("defaults", None)
     return d
 
+# %% ../nbs/05_model.ipynb #99bc071c
 def _preset_config(name: str) -> ModelConfig:
     "The validated `ModelConfig` of the preset file `name`."
     return model_config(_preset_fields(name))
@@ -298,7 +302,10 @@ def _shape(m: nn.Module) -> str:
     if isinstance(m, nn.LayerNorm): return f"{m.normalized_shape[0]}"
     return ""
 
-def _count(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
+# %% ../nbs/05_model.ipynb #c53b0914
+def _count(m: nn.Module) -> int:
+    "Number of parameters of `m` (a tied tensor once)."
+    return sum(p.numel() for p in m.parameters())
 
 # %% ../nbs/05_model.ipynb #ea416535
 @patch
@@ -321,7 +328,7 @@ def summary(self: Transformer) -> str:  # a table, ready to `print`
 # %% ../nbs/05_model.ipynb #fb0f409e
 _HF_RENAMES = [("blocks.", "h."), (".ln1.", ".ln_1."), (".ln2.", ".ln_2."), (".attn.qkv.", ".attn.c_attn."),
                (".attn.proj.", ".attn.c_proj."), (".mlp.fc.", ".mlp.c_fc."), (".mlp.proj.", ".mlp.c_proj."),
-               ("tok_emb.", "wte."), ("pos_emb.", "wpe.")]
+               ("tok_emb.", "wte."), ("pos_emb.", "wpe.")]   # our name part -> Hugging Face's
 
 def _hf_key(name: str) -> str:
     "Our parameter name -> Hugging Face GPT-2 key (without the `transformer.` prefix)."
@@ -329,11 +336,12 @@ def _hf_key(name: str) -> str:
     for a, b in _HF_RENAMES: name = name.replace(a, b)
     return name
 
-def _hf_transposed(hf_key: str) -> bool: return hf_key.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))
+# %% ../nbs/05_model.ipynb #16ddb773
+def _hf_transposed(hf_key: str) -> bool:
+    "Is `hf_key` a `Conv1D` weight, stored `[in, out]` (transposed from `nn.Linear`)?"
+    return hf_key.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))
 
 # %% ../nbs/05_model.ipynb #abdf2e09
-_HF_IGNORED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
-
 def _load_weights(src) -> dict:
     "A state dict, or one read from a `.safetensors` (or torch `.bin`/`.pt`) file."
     if isinstance(src, (str, Path)):
@@ -342,6 +350,9 @@ def _load_weights(src) -> dict:
             return load_file(str(src))
         return torch.load(src, map_location="cpu", weights_only=True)
     return dict(src)
+
+# %% ../nbs/05_model.ipynb #2b937469
+_HF_IGNORED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
 
 def _strip_hf(sd: dict) -> dict:
     "Drop the `transformer.` prefix and the mask buffers."
