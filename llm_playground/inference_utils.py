@@ -6,7 +6,7 @@
 __all__ = ['sample_next_token', 'greedy_decode', 'pad_prompts', 'position_ids_from_mask', 'vocab_guard', 'generate_text']
 
 # %% ../nbs/06b_inference.ipynb #f108516f
-import contextlib, warnings
+import contextlib, inspect, warnings
 from numbers import Integral
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -47,7 +47,9 @@ def _inference(model):
     finally:
         if was_training: model.train()
 
+# %% ../nbs/06b_inference.ipynb #7b418afc
 def _model_device(model) -> torch.device:
+    "The device of `model`'s parameters."
     return next(model.parameters()).device
 
 # %% ../nbs/06b_inference.ipynb #85183f70
@@ -245,15 +247,16 @@ def generate_stream(
     **kwargs,  # everything else `generate` takes
 ) -> Iterator[list[int | None]]:  # per step: each prompt's new token, or `None` once that prompt has finished
     "Like `generate`, but yield the new token of every prompt at each step, as soon as it is produced."
-    args = dict(eos_token_id=None, use_cache=True, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
-                processors=None, seed=None, generator=None)
-    unknown = set(kwargs) - set(args)
-    if unknown: raise TypeError(f"generate_stream() got unexpected keyword arguments: {sorted(unknown)}")
-    args.update(kwargs)
+    try: bound = inspect.signature(Transformer.generate).bind(self, prompt_ids, max_new_tokens, **kwargs)
+    except TypeError as e: raise TypeError(f"generate_stream(): {e}") from None
+    bound.apply_defaults()                              # `generate`'s defaults, the one place they are written
+    args = {k: v for k, v in bound.arguments.items() if k != "self"}
     use_cache = args.pop("use_cache")
-    prompts, procs, gen = _check_generate_args(self, prompt_ids, max_new_tokens, **args)
-    for tokens, alive in _decode_steps(self, prompts, max_new_tokens, args["eos_token_id"], use_cache, procs, gen):
-        yield [t if a else None for t, a in zip(tokens.tolist(), alive.tolist())]
+    prompts, procs, gen = _check_generate_args(self, **args)   # checked now, before the first step
+    def steps():
+        for tokens, alive in _decode_steps(self, prompts, max_new_tokens, args["eos_token_id"], use_cache, procs, gen):
+            yield [t if a else None for t, a in zip(tokens.tolist(), alive.tolist())]
+    return steps()
 
 # %% ../nbs/06b_inference.ipynb #a6e5a4a8
 def vocab_guard(
@@ -265,6 +268,7 @@ def vocab_guard(
     return SuppressTokensProcessor(range(V, M)) if M > V else None
 
 # %% ../nbs/06b_inference.ipynb #ecfa1b41
+@delegates(Transformer.generate, but=["prompt_ids", "max_new_tokens", "eos_token_id"])
 def generate_text(
     model: Transformer,  # the model
     tokenizer,  # a `Tokenizer` (`01_tokenizer`) whose ids the model was trained on
@@ -274,8 +278,11 @@ def generate_text(
     **kwargs,  # sampling options of `Transformer.generate`
 ) -> list[str]:  # the generated continuation of each prompt (always a list)
     "Generate continuations of text prompts: encode, `generate`, decode."
+    if "eos_token_id" in kwargs:
+        raise TypeError("generate_text() stops at the tokenizer's end-of-text token itself: "
+                        "pass stop_at_eot=False instead of eos_token_id")
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    eot, V = tokenizer.eot_token, tokenizer.vocab_size
+    eot = tokenizer.eot_token
     ids = [tokenizer.encode(t) or [eot] for t in texts]
     if (guard := vocab_guard(model, tokenizer)) is not None:  # padded vocabulary: never produce ids the tokenizer cannot decode
         kwargs["processors"] = compose(guard, kwargs.get("processors"))

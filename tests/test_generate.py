@@ -267,8 +267,22 @@ def test_bad_inputs(model, prompt, kw, err, msg):
     kw = dict(dict(max_new_tokens=3), **kw)
     with pytest.raises(err, match=msg.replace("(", r"\(").replace("[", r"\[")):
         model.generate(prompt, **kw)
-    with pytest.raises(err):
-        next(model.generate_stream(prompt, **kw))
+    with pytest.raises(err, match=msg.replace("(", r"\(").replace("[", r"\[")):
+        model.generate_stream(prompt, **kw)       # checked at the call, before the first next()
+
+
+def test_stream_checks_eagerly_with_generate_defaults(model):
+    "generate_stream binds to generate's signature: a misspelt option fails at the call; the defaults are generate's."
+    import inspect
+    with pytest.raises(TypeError, match="generate_stream\\(\\): got an unexpected keyword argument 'temprature'"):
+        model.generate_stream([1, 2], 5, temprature=0)
+    sig = lambda f: {k: p.default for k, p in inspect.signature(f).parameters.items()}
+    assert sig(Transformer.generate_stream) == sig(Transformer.generate)
+    out = [[] for _ in range(2)]
+    for step in model.generate_stream([[1, 2], [3]], 6, seed=5):   # default sampling, as generate's
+        for o, t in zip(out, step):
+            if t is not None: o.append(t)
+    assert out == model.generate([[1, 2], [3]], 6, seed=5)
 
 
 def test_input_forms(model):
@@ -370,3 +384,15 @@ def test_config_and_preprocess_do_not_import_torch():
     code = ("import sys, llm_playground.config, llm_playground.preprocess; "
             "bad = [m for m in ('torch', 'llm_playground.transformer') if m in sys.modules]; assert not bad, bad; print('ok')")
     fresh_python(code)
+
+
+def test_generate_text_signature_and_eos_error():
+    "generate_text documents generate's sampling options (not those it sets) and refuses eos_token_id clearly."
+    import inspect
+    ps = inspect.signature(generate_text).parameters
+    assert {"temperature", "top_k", "top_p", "repetition_penalty", "seed", "generator", "processors", "use_cache"} <= set(ps)
+    assert not {"prompt_ids", "eos_token_id", "kwargs"} & set(ps)
+    tok = CharTokenizer()
+    m = tiny(vocab_size=tok.vocab_size)
+    with pytest.raises(TypeError, match="stop_at_eot=False instead of eos_token_id"):
+        generate_text(m, tok, "abc", max_new_tokens=3, eos_token_id=0)

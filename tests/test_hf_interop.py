@@ -101,3 +101,21 @@ def test_mismatch_error_lists_everything(pair):
     assert "missing keys (1):\n    h.1.mlp.c_fc.bias [192]" in msg
     assert "unexpected keys (1):\n    extra.weight [2, 2]" in msg
     assert "h.0.attn.c_attn.weight: checkpoint [48, 96], model [48, 144]" in msg
+
+
+@torch.no_grad()
+def test_chapter_model_matches_transformers():
+    "The cross-check of chapter 05 (moved here: importing transformers is slow): its 2-layer model and padded batch."
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                    bos_token_id=99, eos_token_id=99)).eval()
+    ours = Transformer.from_hf(hf.state_dict(), n_heads=4).eval()
+    ids = torch.randint(0, 100, (2, 10))
+    torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    short, long = torch.randint(0, 100, (5,)), torch.randint(0, 100, (8,))
+    batch = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long])
+    am = torch.tensor([[0] * 3 + [1] * 5, [1] * 8])
+    pos = am.cumsum(-1) - 1
+    hf_pad = hf(batch, attention_mask=am, position_ids=pos.clamp(min=0)).logits   # HF does not clamp
+    ours_pad = ours(batch, attention_mask=am, position_ids=pos)
+    torch.testing.assert_close(ours_pad[am.bool()], hf_pad[am.bool()], atol=1e-4, rtol=1e-4)
