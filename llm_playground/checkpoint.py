@@ -24,7 +24,7 @@ from .callbacks import EvalCB, MetricsCB, PlotCB, ProgressCB, SampleCB
 from .config import validate_config
 from .optimiser import LRSchedule, create_optimiser, warmup_steps_for
 from .trainer import Callback, TrainerConfig
-from .utils import UserError, atomic_write, file_sha256
+from .utils import UserError, atomic_write, file_sha256, fsync_path
 
 # %% ../nbs/07d_checkpoint.ipynb #44fc3772
 def rng_state() -> dict:
@@ -48,20 +48,12 @@ def set_rng_state(
 class CheckpointError(UserError, RuntimeError):
     "A checkpoint is missing, incomplete or corrupt, or does not fit the model."
 
-# %% ../nbs/07d_checkpoint.ipynb #08159a49
-def _fsync(path: Path):
-    "Flush `path` (a file or folder) to disk."
-    fd = os.open(path, os.O_RDONLY)
-    try: os.fsync(fd)
-    except OSError: pass
-    finally: os.close(fd)
-
 # %% ../nbs/07d_checkpoint.ipynb #7d0d0005
 CKPT_DELAY_ENV = "LLM_PLAYGROUND_CKPT_DELAY"  # seconds to sleep after each file written (a test knob)
 
 def _write_file(path: Path, write: Callable[[Path], Any]):
     "Write `path` with `write(path)`, flush it, then (test knob) sleep."
-    write(path); _fsync(path)
+    write(path); fsync_path(path)
     if (d := float(os.environ.get(CKPT_DELAY_ENV, 0) or 0)) > 0: time.sleep(d)
 
 # %% ../nbs/07d_checkpoint.ipynb #7d0d0007
@@ -77,7 +69,7 @@ def _swap_in(tmp: Path, final: Path):
     old = final.with_name(f".old_{final.name}")
     if final.exists(): os.replace(final, old)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     if old.exists(): shutil.rmtree(old)
 
 # %% ../nbs/07d_checkpoint.ipynb #8649c6dc
@@ -101,7 +93,7 @@ def save_checkpoint(
                 val_loss=ev["val_loss"] if ev and ev["step"] == t.step else None, created=datetime.now().isoformat(timespec="seconds"),
                 files={f.name: dict(sha256=file_sha256(f), bytes=f.stat().st_size) for f in sorted(tmp.iterdir())})
     _write_file(tmp/"checkpoint.json", lambda p: p.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
-    _fsync(tmp)
+    fsync_path(tmp)
     _swap_in(tmp, final)
     return final
 
