@@ -4,13 +4,12 @@
 
 # %% auto #0
 __all__ = ['LOCK_FILE', 'temp_path_for', 'is_temp_file', 'fsync_path', 'atomic_write', 'file_sha256', 'UserError', 'DataError',
-           'describe_os_error', 'run_cli', 'LockError', 'dir_lock']
+           'describe_os_error', 'run_cli', 'LockError', 'DirLock', 'dir_lock']
 
 # %% ../nbs/00a_utils.ipynb #14a9c4e2
 import errno, hashlib, os, re, sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -150,20 +149,37 @@ def _try_lock(fd: int) -> bool:
 # %% ../nbs/00a_utils.ipynb #3e0f0023
 LOCK_FILE = ".lock"
 
-@contextmanager
-def dir_lock(
-    path: str | Path,  # the folder to own (it must exist)
-    prog: str = "",  # who takes it, for the message a second writer gets (e.g. `"lp_pretrain"`)
-) -> Iterator[Path]:  # the folder
-    "Hold an exclusive lock on the folder `path` for the `with` block; a second writer gets a `LockError`."
-    path = Path(path); f = path/LOCK_FILE
-    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+class DirLock:
+    "An exclusive lock on the folder `path` (an OS lock on `path/.lock`), for a `with` block or `acquire`/`release`."
+    def __init__(self,
+                 path: str | Path,  # the folder to own (it must exist)
+                 prog: str = "",  # who takes it, for the message a second writer gets (e.g. `"lp_pretrain"`)
+                ): self.path, self.prog, self._fd = Path(path), prog, None
+    @property
+    def locked(self) -> bool: return self._fd is not None
+    def acquire(self) -> "DirLock":
+        "Take the lock (a no-op if this object holds it); another holder raises `LockError`."
+        if self._fd is not None: return self
+        fd = os.open(self.path/LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         if not _try_lock(fd):
             os.lseek(fd, 0, os.SEEK_SET)
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
-            raise LockError(f"{path} is in use by {holder}: wait for it to finish, or stop it.")
+            os.close(fd)
+            raise LockError(f"{self.path} is in use by {holder}: wait for it to finish, or stop it.")
         os.ftruncate(fd, 0); os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"process {os.getpid()}{f' ({prog})' if prog else ''}".encode())
-        yield path
-    finally: os.close(fd)
+        os.write(fd, f"process {os.getpid()}{f' ({self.prog})' if self.prog else ''}".encode())
+        self._fd = fd
+        return self
+    def release(self):
+        "Let go of the lock (the `.lock` file stays: a new holder reuses it)."
+        if self._fd is not None: os.close(self._fd); self._fd = None
+    def __enter__(self) -> "DirLock": return self.acquire()
+    def __exit__(self, *exc): self.release()
+    def __del__(self): self.release()
+
+def dir_lock(
+    path: str | Path,  # the folder to own (it must exist)
+    prog: str = "",  # who takes it, for the message a second writer gets
+) -> DirLock:  # use it as `with dir_lock(path, prog): ...`
+    "An exclusive lock on the folder `path`: `with dir_lock(out_dir, \"lp_preprocess\"): ...`; a second writer gets a `LockError`."
+    return DirLock(path, prog)
