@@ -8,7 +8,7 @@ __all__ = ['ROOT_ENV', 'CONFIG_MODULE', 'SCHEMAS', 'project_root', 'resolve_root
            'hydra_main', 'seed_everything', 'get_device']
 
 # %% ../nbs/00_config.ipynb #2d7e058d
-import dataclasses, difflib, functools, importlib, os, random
+import dataclasses, difflib, functools, importlib, math, os, random
 from configparser import ConfigParser
 from importlib import resources
 from pathlib import Path
@@ -113,6 +113,13 @@ def _valid_keys(base: DictConfig, parent: str) -> list[str]:
     node = OmegaConf.select(base, parent) if parent else base
     return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
+# %% ../nbs/00_config.ipynb #3a1c9e0a
+def _non_finite(d, where: str = "") -> list[tuple[str, float]]:
+    "The (key path, value) of every NaN or infinite float in the nested dicts and lists `d`."
+    if isinstance(d, float): return [] if math.isfinite(d) else [(where, d)]
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
+    return [b for k, v in items for b in _non_finite(v, f"{where}.{k}" if where else str(k))]
+
 # %% ../nbs/00_config.ipynb #3a1c9e06
 def validate_config(
     cfg: DictConfig | dict | Any | None,  # the config (or a section of it) to check: a DictConfig, a dict, an instance of `schema`, or None
@@ -135,6 +142,8 @@ def validate_config(
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ConfigError(f"Unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}.") from None
         raise ConfigError(f"Invalid value for config key '{key}': {msg}") from None
+    if bad := _non_finite(OmegaConf.to_container(merged), where):
+        raise ConfigError(f"Config key '{bad[0][0]}' must be a finite number, got {bad[0][1]}.")
     OmegaConf.set_struct(merged, True)
     return merged
 
