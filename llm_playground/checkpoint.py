@@ -87,24 +87,33 @@ def _swap_in(tmp: Path, final: Path):
 
 # %% ../nbs/07d_checkpoint.ipynb #7d0d0034
 _WRITE_ADVICE = {28: "free some space", 122: "free some space", 30: "make it writable (or copy the run to a writable disk)",
-                 13: "fix the permissions of the folder", 1: "fix the permissions of the folder"}
+                 13: "fix the permissions of the folder", 1: "fix the permissions of the folder",
+                 27: "allow larger files (ulimit -f)", 20: "choose another folder (a part of this path is a file)"}
 
-def _write_cause(e: Exception, folder: Path) -> tuple[str, int | None]:
+def _write_cause(e: BaseException, folder: Path) -> tuple[str, int | None]:
     "Why writing into `folder` failed with `e`: a one-line cause, and its errno when known."
-    if isinstance(e, OSError) and e.errno: return os.strerror(e.errno), e.errno
+    x = e
+    while x is not None:  # torch wraps the OSError of a file object's write in a RuntimeError
+        if isinstance(x, OSError) and x.errno: return os.strerror(x.errno), x.errno
+        x = x.__cause__ or x.__context__
+    if m := re.search(r"os error (\d+)", str(e)): return os.strerror(int(m[1])), int(m[1])  # safetensors (Rust) says it so
     try: st = os.statvfs(folder if folder.exists() else folder.parent)
     except (OSError, AttributeError): st = None
     if st is not None and st.f_flag & getattr(os, "ST_RDONLY", 1): return os.strerror(30), 30
-    if (st is not None and st.f_bavail * st.f_frsize < 1 << 20) or "os error 28" in str(e) or "No space left" in str(e):
-        return os.strerror(28), 28
+    if st is not None and st.f_bavail * st.f_frsize < 1 << 16: return os.strerror(28), 28
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200], None
+
+# %% ../nbs/07d_checkpoint.ipynb #7d0d004c
+def _torch_save(obj, path: Path):
+    "`torch.save` into a file object we opened, so that a failed write keeps its `OSError` (as the context of torch's error)."
+    with open(path, "wb", buffering=0) as f: torch.save(obj, f)
 
 # %% ../nbs/07d_checkpoint.ipynb #7d0d0037
 def _write_error(name: str, parent: Path, run_dir: Path | None, e: Exception) -> CheckpointWriteError:
     "The one-line error for the checkpoint `name` that could not be written into `parent`."
     cause, err = _write_cause(e, parent)
     advice = _WRITE_ADVICE.get(err, "fix the cause")
-    try: prev = [p for p in list_checkpoints(parent) if p.name != name]
+    try: prev = sorted(p for p in parent.glob("step_*") if p.name != name and (p/"checkpoint.json").exists())  # the finished ones
     except OSError: prev = []
     where = run_dir if run_dir is not None else parent
     keep = (f"The previous checkpoint {prev[-1].name} is kept: {advice}, then resume with lp_pretrain resume={where}." if prev else
@@ -127,8 +136,8 @@ def save_checkpoint(
         for old in parent.glob(".tmp_*"): shutil.rmtree(old, ignore_errors=True)  # leftovers of a killed writer
         tmp.mkdir()
         _write_file(tmp/"model.safetensors", lambda p: _save_safetensors(t.model, str(p)))
-        _write_file(tmp/"optimizer.pt", lambda p: torch.save(t.opt.state_dict(), p))
-        _write_file(tmp/"state.pt", lambda p: torch.save(_checkpoint_state(t), p))
+        _write_file(tmp/"optimizer.pt", lambda p: _torch_save(t.opt.state_dict(), p))
+        _write_file(tmp/"state.pt", lambda p: _torch_save(_checkpoint_state(t), p))
         if t.snapshot is not None: _write_file(tmp/"config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(t.snapshot), encoding="utf-8"))
         ev = getattr(t, "last_eval", None)
         meta = dict(format=1, step=t.step, epoch=t.epoch, tokens_seen=t.tokens_seen,
@@ -178,8 +187,10 @@ def verify_checkpoint(
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"Incomplete or corrupt checkpoint: cannot read {meta_file} ({_read_cause(e)}).") from None
     files = meta.get("files") if isinstance(meta, dict) else None
-    if not _valid_files(files) or not isinstance(meta.get("val_loss"), (int, float, type(None))):
+    if not _valid_files(files):
         raise CorruptCheckpointError(f"Incomplete or corrupt checkpoint: {meta_file} has no valid list of files (with their sha256 and bytes).")
+    if not isinstance(meta.get("val_loss"), (int, float, type(None))) or isinstance(meta.get("val_loss"), bool):
+        raise CorruptCheckpointError(f"Corrupt checkpoint: the val_loss in {meta_file} is not a number.")
     if missing := [n for n in (RESUME_FILES if need is None else need) if n not in files]:
         why = "needed to resume training" if need is None else "needed here"
         raise CorruptCheckpointError(f"Incomplete checkpoint: {meta_file} does not list {', '.join(missing)} ({why}).")
