@@ -115,7 +115,7 @@ def _write_error(name: str, parent: Path, run_dir: Path | None, e: Exception) ->
     advice = _WRITE_ADVICE.get(err, "fix the cause")
     try: prev = sorted(p for p in parent.glob("step_*") if p.name != name and (p/"checkpoint.json").exists())  # the finished ones
     except OSError: prev = []
-    where = run_dir if run_dir is not None else parent
+    where = run_dir if run_dir is not None else parent.parent if parent.name == "checkpoints" else parent
     keep = (f"The previous checkpoint {prev[-1].name} is kept: {advice}, then resume with lp_pretrain resume={where}." if prev else
             f"No earlier checkpoint was written: {advice}, then start the run again.")
     out = CheckpointWriteError(f"Cannot write checkpoint {name} in {parent}: {cause}. {keep}")
@@ -326,7 +326,8 @@ def _check_state(st, f: Path) -> dict:
         if k not in st: raise CorruptCheckpointError(f"Corrupt checkpoint: {f} has no entry '{k}'.")
         if not isinstance(st[k], ty) or isinstance(st[k], bool):
             raise CorruptCheckpointError(f"Corrupt checkpoint: {f}: '{k}' is a {type(st[k]).__name__}, expected a {ty.__name__}.")
-    if not isinstance(st.get("data"), (dict, type(None))) or not isinstance(st.get("losses", []), list):
+    losses = st.get("losses", [])
+    if not isinstance(st.get("data"), (dict, type(None))) or not (isinstance(losses, list) and all(type(x) in (int, float) for x in losses)):
         raise CorruptCheckpointError(f"Corrupt checkpoint: {f}: 'data' or 'losses' has the wrong type.")
     saved = rng_state()
     try: _read(f, lambda: set_rng_state(st["rng"]))  # a random state that cannot be restored fails now, not at step 1

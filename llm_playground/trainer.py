@@ -172,6 +172,9 @@ class Trainer:
         self.accum = max(1, self.cfg.grad_accum_steps)
         self.steps_per_epoch = math.ceil(len(train_dl) / self.accum)
         self.total_steps = self.cfg.max_steps or self.cfg.num_epochs * self.steps_per_epoch
+        if self.cfg.divergence_factor and not self.cfg.divergence_factor > 1: raise ConfigError(
+            f"trainer.divergence_factor={self.cfg.divergence_factor} would stop a healthy run: use a value above 1 (default "
+            f"{TrainerConfig.divergence_factor:g}), or 0 to turn the check off.")
         self.opt = create_optimiser(self.model, self.opt_cfg)
         self.sched = create_scheduler(self.opt, self.total_steps, self.opt_cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -225,10 +228,7 @@ def _divergence_advice(self: Trainer) -> str:
     "What to do after a divergence: the checkpoint to resume from (or that there is none), and what to change."
     lr = self.opt_cfg.lr
     change = f"a lower optimiser.lr (now {lr:g}), or more warmup (optimiser.warmup_steps)"
-    good = None
-    if self.run_dir is not None:
-        from llm_playground.checkpoint import list_checkpoints  # the later chapter that builds on this one
-        good = (list_checkpoints(self.run_dir) or [None])[-1]
+    good = next((p for p in (getattr(self, "last_checkpoint", None), getattr(self, "resumed_from", None)) if p is not None and p.exists()), None)
     if good is None: return f"No checkpoint was written before it: start the run again with {change}."
     return (f"No checkpoint of the diverged weights was written; the last good one is {good}: resume from it with {change}, "
             f"e.g. lp_pretrain resume={good} optimiser.lr={lr / 10:g}.")
@@ -379,7 +379,8 @@ def save_checkpoint(self: Trainer,
                    ) -> Path:  # the checkpoint folder, `step_<step>`
     "Write a complete, atomic checkpoint of the model, optimiser, schedule, data position and random state."
     from llm_playground.checkpoint import save_checkpoint  # the later chapter that builds on this one
-    return save_checkpoint(self, ckpt_dir)
+    self.last_checkpoint = save_checkpoint(self, ckpt_dir)
+    return self.last_checkpoint
 
 # %% ../nbs/07b_trainer.ipynb #6b0d0204
 @patch
