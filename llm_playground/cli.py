@@ -276,15 +276,18 @@ def sample_main(cfg: DictConfig):
     run_cli("lp_sample", sample, cfg)
 
 # %% ../nbs/08_cli.ipynb #ed1bf491
-_COMMANDS = dict(pretrain=pretrain_main, sample=sample_main)
+_COMMANDS = dict(corpus="llm_playground.corpus:corpus_main", preprocess="llm_playground.preprocess:main",
+                 pretrain="llm_playground.cli:pretrain_main", sample="llm_playground.cli:sample_main")  # as in settings.ini
 
 def main(argv: Sequence[str] | None = None):
-    "`python -m llm_playground.cli {pretrain,sample} [overrides...]`."
+    "`python -m llm_playground.cli {corpus,preprocess,pretrain,sample} [overrides...]`: the console scripts, uninstalled."
+    import importlib
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in _COMMANDS:
         print(f"usage: python -m llm_playground.cli {{{','.join(_COMMANDS)}}} [key=value ...]", file=sys.stderr); sys.exit(2)
     sys.argv = [f"lp_{argv[1]}", *argv[2:]]
-    _COMMANDS[argv[1]]()
+    module, fn = _COMMANDS[argv[1]].split(":")
+    getattr(importlib.import_module(module), fn)()
 
 # %% ../nbs/08_cli.ipynb #29c0dbb9
 #| eval: false
