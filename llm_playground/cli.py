@@ -10,7 +10,7 @@ __all__ = ['PretrainConfig', 'validate_pretrain_config', 'check_compatible', 'la
 import json, shutil, sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, ClassVar, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -217,6 +217,7 @@ class SampleConfig:
     seed: Optional[int] = None  # seed of the sampling (None: random)
     stream: bool = True  # print tokens as they are generated
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    ranges: ClassVar[dict] = dict(max_new_tokens=">= 0", temperature=">= 0", top_k=">= 1", top_p="(0, 1]", repetition_penalty="> 0")
 
 # %% ../nbs/08_cli.ipynb #5a0c0010
 def _stream_one(model, tokenizer, prompt: str, c, out) -> str:
@@ -243,9 +244,8 @@ def _generate_one(model, tokenizer, prompt, c) -> str:
 
 # %% ../nbs/08_cli.ipynb #5b0a0021
 def _check_sample_config(c: DictConfig) -> DictConfig:
-    "Raise `ConfigError` naming the key for a sampling option `generate` would refuse; return `c`."
+    "Raise `ConfigError` for sampling options `generate` would refuse (beyond `SampleConfig.ranges`); return `c`."
     if not c.checkpoint: raise ConfigError("Say which model to sample from: checkpoint=<run directory or checkpoint folder>.")
-    if c.max_new_tokens < 0: raise ConfigError(f"max_new_tokens must be >= 0, got {c.max_new_tokens}.")
     try: processors_from_config(c.temperature, c.top_k, c.top_p, c.repetition_penalty)
     except ValueError as e: raise ConfigError(f"Invalid sampling option: {e}.") from None
     if c.prompt is None and not c.prompts: raise ConfigError("No prompt: give prompt=\"...\" or prompts=[...].")

@@ -82,8 +82,8 @@ def test_unknown_key_without_plus_advice(tmp_path, prog, args):
     assert "Unknown config key" in line and "Did you mean" in line and "+" not in line, line
 
 
-@pytest.mark.parametrize("bad, says", [("temperature=-1", "temperature must be in [0, None]"), ("top_k=0", "top_k must be"),
-                                       ("top_p=2", "top_p must be in (0, 1]"), ("max_new_tokens=-1", "max_new_tokens must be >= 0")])
+@pytest.mark.parametrize("bad, says", [("temperature=-1", "'temperature' must be >= 0, got -1.0"), ("top_k=0", "'top_k' must be >= 1"),
+                                       ("top_p=2", "'top_p' must be in (0, 1], got 2.0"), ("max_new_tokens=-1", "'max_new_tokens' must be >= 0")])
 def test_sample_options_checked_before_anything(tmp_path, bad, says):
     r = run("sample", f"checkpoint={tmp_path}/nowhere", "prompt=Hi", bad)
     assert r.returncode == 2
