@@ -67,6 +67,7 @@ SCHEMAS = {  # primary config -> "module:dataclass" of its schema
     "preprocess": "llm_playground.preprocess:PreprocessConfig",
     "pretrain": "llm_playground.cli:PretrainConfig",
     "sample": "llm_playground.cli:SampleConfig",
+    "eval": "llm_playground.evaluation:EvalConfig",
 }
 
 # %% ../nbs/00_config.ipynb #3d0e0002
