@@ -22,7 +22,8 @@ from .logit_processors import processors_from_config
 from .tokenizer import Tokenizer, build_tokenizer
 from .optimiser import OptimiserConfig
 from .trainer import NonFiniteLossError, Trainer, TrainerConfig
-from .checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_weights, make_run_dir
+from .checkpoint import (CheckpointError, _candidates, _first_good, find_checkpoint, list_checkpoints, load_weights,
+                                       make_run_dir, verify_checkpoint)
 from .transformer import ModelConfig, Transformer, model_config, model_preset
 from .utils import DirLock, atomic_write, run_cli
 
@@ -189,18 +190,26 @@ def pretrain_main(cfg: DictConfig):
     run_cli("lp_pretrain", pretrain, cfg, list(HydraConfig.get().overrides.task),
             interrupted="The checkpoints written so far are kept: continue with lp_pretrain resume=latest.")
 
+# %% ../nbs/08_cli.ipynb #5b0a0023
+INFERENCE_FILES = ("model.safetensors",)  # what `load_model` reads from a checkpoint (and its config.yaml, when listed)
+
+def _load_one(ckpt: Path) -> tuple[Transformer, DictConfig]:
+    "The model and config of the checkpoint `ckpt`, verifying only what inference reads; damage raises `CorruptCheckpointError`."
+    verify_checkpoint(ckpt, need=INFERENCE_FILES)
+    f = next((p for p in (ckpt/"config.yaml", ckpt.parent.parent/"config.yaml") if p.is_file()), None)
+    if f is None: raise CheckpointError(f"No config.yaml in {ckpt} or its run directory.")
+    cfg = OmegaConf.load(f)
+    return load_weights(Transformer(cfg.model), ckpt), cfg
+
 # %% ../nbs/08_cli.ipynb #6cc34d28
 def load_model(
     path: str | Path,  # a run directory (its latest checkpoint), a checkpoint folder, or `"latest"` (see `latest_run`)
     device: str = "auto",  # auto, cpu, cuda, cuda:N or mps
 ) -> tuple[Transformer, Tokenizer, DictConfig]:  # the model (in eval mode), its tokenizer, the run's config
-    "Load a trained model, its tokenizer and its config from a run directory or checkpoint."
-    ckpt = find_checkpoint(latest_run() if str(path) == "latest" else path)
-    f = next((p for p in (ckpt/"config.yaml", ckpt.parent.parent/"config.yaml") if p.is_file()), None)
-    if f is None: raise CheckpointError(f"No config.yaml in {ckpt} or its run directory.")
-    cfg = OmegaConf.load(f)
-    model = load_weights(Transformer(cfg.model), ckpt).to(get_device(device)).eval()
-    return model, build_tokenizer(cfg.tokenizer), cfg
+    "Load a trained model, its tokenizer and its config from a run directory or checkpoint (the newest good one, with a warning)."
+    src = latest_run() if str(path) == "latest" else Path(path)
+    model, cfg = _first_good(_candidates(src, fallback=True), _load_one, fallback=True)
+    return model.to(get_device(device)).eval(), build_tokenizer(cfg.tokenizer), cfg
 
 # %% ../nbs/08_cli.ipynb #57089d18
 @dataclass
