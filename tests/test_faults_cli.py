@@ -137,3 +137,23 @@ def test_one_writer_per_run(small_run):
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if l.strip() and json.loads(l)["split"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     for c in list_checkpoints(small_run): verify_checkpoint(c)
+
+
+def test_sample_from_a_damaged_run(small_run, tmp_path):
+    "lp_sample reads only the weights: damaged optimiser state is ignored, damaged weights fall back to the checkpoint before."
+    import shutil
+    run_dir = tmp_path/"run"; shutil.copytree(small_run, run_dir)
+    newest = list_checkpoints(run_dir)[-1]
+    args = ("sample", f"checkpoint={run_dir}", "prompt=It is", "max_new_tokens=5", "temperature=0", "device=cpu")
+    with open(newest/"optimizer.pt", "r+b") as f: f.write(b"garbage")
+    r = run(*args)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    with open(newest/"model.safetensors", "r+b") as f: f.seek(200); f.write(b"\xff" * 16)
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("It is")
+    warning = r.stderr.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning:") and f"Using {list_checkpoints(run_dir)[-2]}" in warning[0], r.stderr
+    for c in list_checkpoints(run_dir)[:-1]: shutil.rmtree(c)
+    r = run(*args)
+    assert r.returncode == 1 and "No good checkpoint to fall back to" in one_error_line(r, "lp_sample")
