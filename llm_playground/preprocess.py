@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from .config import ConfigError, hydra_main, validate_config
 from .tokenizer import ENDOFTEXT, CharTokenizer, GPT2Tokenizer, Tokenizer, build_tokenizer
-from .utils import UserError, atomic_write, describe_os_error, dir_lock, fsync_path, is_temp_file, run_cli, temp_path_for
+from .utils import (LOCK_FILE, LockError, UserError, atomic_write, describe_os_error, dir_lock, fsync_path, is_temp_file,
+                                  run_cli, temp_path_for)
 
 # %% ../nbs/02b_preprocess.ipynb #d9a0e56a
 class PreprocessError(UserError):
@@ -430,16 +431,18 @@ def _work(todo: list[Path], out: Path, tok: Tokenizer, kept: dict, removed: list
 @contextmanager
 def _owned(out: Path):
     "Hold the lock on `out` (created if missing) while the block runs; a folder created here and left empty is removed on failure."
-    created = not out.exists()
+    created, lock = not out.exists(), None
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = dir_lock(out, "lp_preprocess").acquire()
-    except OSError as e: raise _write_error(out, "its lock", e) from None
-    try: yield
-    except BaseException:
-        if created and not any(f.is_file() and f.name != ".lock" for f in out.rglob("*")): _remove_tree(out)
+        yield
+    except BaseException as e:
+        if created and not isinstance(e, LockError) and not any(f.is_file() and f.name != LOCK_FILE for f in out.rglob("*")):
+            _remove_tree(out)
+        if isinstance(e, OSError) and lock is None: raise _write_error(out, "the lock file", e) from None
         raise
-    finally: lock.release()
+    finally:
+        if lock: lock.release()
 
 def _remove_tree(d: Path):
     "Remove the folder `d`, holding only empty folders and a lock file (a run that failed before writing anything)."
@@ -468,11 +471,13 @@ def preprocess(
     checked = _check_shards(paths, val_ratio, seed, errors)  # 1. check: nothing is written before every shard has passed
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer() if callable(tokenizer) else GPT2Tokenizer()
     settings = _settings(tok, val_ratio, seed, doc_boundary, errors)
-    with _owned(out):  # 2. work, as the only writer of `out`
-        old, kept, todo, removed = _plan(checked, out, settings, token_dtype(tok.vocab_size).itemsize, force, say)
-        if not todo and not removed and old is not None:
-            say(f"All {len(kept)} shards unchanged; nothing to do ({out}).")
-            return old
+    itemsize = token_dtype(tok.vocab_size).itemsize
+    old, kept, todo, removed = _plan(checked, out, settings, itemsize, force, lambda m: None)
+    if not todo and not removed and old is not None:  # nothing to write: no lock needed (a read-only out_dir is fine)
+        say(f"All {len(kept)} shards unchanged; nothing to do ({out}).")
+        return old
+    with _owned(out):  # 2. work, as the only writer of `out` (planned again: another writer may have just finished)
+        old, kept, todo, removed = _plan(checked, out, settings, itemsize, force, say)
         try: return _work(todo, out, tok, kept, removed, settings, say, progress, val_ratio=val_ratio, seed=seed,
                           doc_boundary=doc_boundary, errors=errors, batch_chars=batch_chars, num_threads=num_threads)
         except OSError as e: raise _write_error(out, "the outputs", e) from None
