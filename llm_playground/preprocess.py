@@ -472,12 +472,12 @@ def preprocess(
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer() if callable(tokenizer) else GPT2Tokenizer()
     settings = _settings(tok, val_ratio, seed, doc_boundary, errors)
     itemsize = token_dtype(tok.vocab_size).itemsize
-    old, kept, todo, removed = _plan(checked, out, settings, itemsize, force, lambda m: None)
+    old, kept, todo, removed = _plan(checked, out, settings, itemsize, force, say)
     if not todo and not removed and old is not None:  # nothing to write: no lock needed (a read-only out_dir is fine)
         say(f"All {len(kept)} shards unchanged; nothing to do ({out}).")
         return old
     with _owned(out):  # 2. work, as the only writer of `out` (planned again: another writer may have just finished)
-        old, kept, todo, removed = _plan(checked, out, settings, itemsize, force, say)
+        old, kept, todo, removed = _plan(checked, out, settings, itemsize, force, lambda m: None)
         try: return _work(todo, out, tok, kept, removed, settings, say, progress, val_ratio=val_ratio, seed=seed,
                           doc_boundary=doc_boundary, errors=errors, batch_chars=batch_chars, num_threads=num_threads)
         except OSError as e: raise _write_error(out, "the outputs", e) from None
