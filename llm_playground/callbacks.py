@@ -6,7 +6,7 @@
 __all__ = ['MetricsCB', 'EvalCB', 'SampleCB', 'ProgressCB', 'plot_metrics', 'PlotCB']
 
 # %% ../nbs/07c_callbacks.ipynb #dd28c609
-import json, time
+import json, sys, time
 from pathlib import Path
 from typing import Sequence
 
@@ -76,20 +76,40 @@ class SampleCB(Callback):
     def after_epoch(self, t):
         if self.cfg.every_epoch: self._run(t)
 
+# %% ../nbs/07c_callbacks.ipynb #5c0d0001
+def _interactive() -> bool:
+    "Is the progress shown to a person: stderr is a terminal, or `tqdm.auto` chose its notebook widget?"
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty()) or any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+
 # %% ../nbs/07c_callbacks.ipynb #baaf4c06
 class ProgressCB(Callback):
-    "A progress bar over the optimiser steps, showing the loss; evaluation results printed above it."
+    "A progress bar over the optimiser steps, showing the loss; evaluation results printed above it; plain lines in a log."
     order = 50
-    def __init__(self, refresh_steps: int = 1): self.refresh_steps = refresh_steps  # steps between postfix updates
+    def __init__(self,
+                 refresh_steps: int = 1,  # steps between postfix updates of the bar
+                 plain: bool | None = None,  # one line per logged step instead of a bar (None: when output is not a terminal or notebook)
+                ): self.refresh_steps, self.plain = refresh_steps, plain
     def before_fit(self, t):
-        self.bar, self._seen = tqdm(total=t.total_steps, initial=t.step, unit="step", dynamic_ncols=True, leave=True), len(t.history)
+        plain = not _interactive() if self.plain is None else self.plain
+        self.bar = None if plain else tqdm(total=t.total_steps, initial=t.step, unit="step", dynamic_ncols=True, leave=True)
+        self._seen, self._t0, self._step0 = len(t.history), time.perf_counter(), t.step
     def after_step(self, t):
-        self.bar.update(t.step - self.bar.n)
-        if t.step % self.refresh_steps == 0: self.bar.set_postfix(loss=f"{t.loss.item():.4f}", lr=f"{t.opt.param_groups[0]['lr']:.2e}", refresh=False)
+        if self.bar is not None:
+            self.bar.update(t.step - self.bar.n)
+            if t.step % self.refresh_steps == 0: self.bar.set_postfix(loss=f"{t.loss.item():.4f}", lr=f"{t.opt.param_groups[0]['lr']:.2e}", refresh=False)
         for r in t.history[self._seen:]:
-            if r.get("split") == "valid": self.bar.write(f"step {r['step']}: val_loss {r['val_loss']:.4f}, val_ppl {r['val_ppl']:.2f}")
+            if r.get("split") == "valid": tqdm.write(f"step {r['step']}: val_loss {r['val_loss']:.4f}, val_ppl {r['val_ppl']:.2f}")
+            elif self.bar is None and r.get("split") == "train": tqdm.write(self._line(t, r))
         self._seen = len(t.history)
-    def cleanup_fit(self, t): self.bar.close()
+    def _line(self, t, r) -> str:
+        "One plain progress line for the logged row `r`."
+        done = t.step - self._step0
+        left = (time.perf_counter() - self._t0) / done * (t.total_steps - t.step) if done else 0.0
+        return (f"step {r['step']}/{t.total_steps}: loss {r['loss']:.4f}, lr {r['lr']:.2e}, "
+                f"{r.get('tokens_per_s', 0):,.0f} tok/s, {left // 60:.0f}m{left % 60:02.0f}s left")
+    def cleanup_fit(self, t):
+        if self.bar is not None: self.bar.close()
 
 # %% ../nbs/07c_callbacks.ipynb #53fd9aa5
 def plot_metrics(

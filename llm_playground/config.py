@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['ROOT_ENV', 'CONFIG_MODULE', 'SCHEMAS', 'project_root', 'resolve_root', 'register_resolvers', 'config_dir',
-           'config_schema', 'register_schema', 'compose_config', 'ConfigError', 'validate_config', 'check_overrides',
-           'hydra_main', 'seed_everything', 'get_device']
+           'config_schema', 'register_schema', 'compose_config', 'ConfigError', 'check_ranges', 'validate_config',
+           'check_overrides', 'hydra_main', 'seed_everything', 'get_device']
 
 # %% ../nbs/00_config.ipynb #2d7e058d
-import dataclasses, difflib, functools, importlib, math, os, random
+import dataclasses, difflib, functools, importlib, math, os, random, re
 from configparser import ConfigParser
 from importlib import resources
 from pathlib import Path
@@ -67,6 +67,7 @@ SCHEMAS = {  # primary config -> "module:dataclass" of its schema
     "preprocess": "llm_playground.preprocess:PreprocessConfig",
     "pretrain": "llm_playground.cli:PretrainConfig",
     "sample": "llm_playground.cli:SampleConfig",
+    "eval": "llm_playground.evaluation:EvalConfig",
 }
 
 # %% ../nbs/00_config.ipynb #3d0e0002
@@ -120,6 +121,33 @@ def _non_finite(d, where: str = "") -> list[tuple[str, float]]:
     items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
     return [b for k, v in items for b in _non_finite(v, f"{where}.{k}" if where else str(k))]
 
+# %% ../nbs/00_config.ipynb #3a1c9e11
+_RANGE = re.compile(r"^\s*(?:(>=|<=|>|<)\s*(\S+)|([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])]))\s*$")
+
+def _in_range(x: float, rule: str) -> bool:
+    "Is `x` inside `rule`: `> a`, `>= a`, `< a`, `<= a`, or an interval `[a, b)` (brackets closed, parentheses open)?"
+    m = _RANGE.match(rule)
+    if m is None: raise ValueError(f"Bad range rule {rule!r}: use e.g. '> 0', '>= 1' or '[0, 1)'.")
+    op, a, lb, lo, hi, rb = m.groups()
+    if op: return {">": x > float(a), ">=": x >= float(a), "<": x < float(a), "<=": x <= float(a)}[op]
+    return (x >= float(lo) if lb == "[" else x > float(lo)) and (x <= float(hi) if rb == "]" else x < float(hi))
+
+# %% ../nbs/00_config.ipynb #3a1c9e12
+def check_ranges(
+    cfg: dict,  # plain values of a config section (nested dicts)
+    schema: type,  # its dataclass; its `ranges` class variable (if any) maps field names to rules like `"> 0"` or `"[0, 1)"`
+    where: str = "",  # key path of `cfg`, for messages
+):
+    "Raise `ConfigError` naming the first number of `cfg` outside the range its schema declares (`None` is never checked)."
+    for f in dataclasses.fields(schema):
+        v, key = cfg.get(f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(f.type) and isinstance(v, dict): check_ranges(v, f.type, key)
+        rule = getattr(schema, "ranges", {}).get(f.name)
+        if rule is None or v is None: continue
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, (int, float)) and not _in_range(x, rule):
+                raise ConfigError(f"Config key '{key}' must be {'in ' if rule.strip()[0] in '[(' else ''}{rule.strip()}, got {v}.")
+
 # %% ../nbs/00_config.ipynb #3a1c9e06
 def validate_config(
     cfg: DictConfig | dict | Any | None,  # the config (or a section of it) to check: a DictConfig, a dict, an instance of `schema`, or None
@@ -142,8 +170,9 @@ def validate_config(
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ConfigError(f"Unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}.") from None
         raise ConfigError(f"Invalid value for config key '{key}': {msg}") from None
-    if bad := _non_finite(OmegaConf.to_container(merged), where):
-        raise ConfigError(f"Config key '{bad[0][0]}' must be a finite number, got {bad[0][1]}.")
+    plain = OmegaConf.to_container(merged)
+    if bad := _non_finite(plain, where): raise ConfigError(f"Config key '{bad[0][0]}' must be a finite number, got {bad[0][1]}.")
+    check_ranges(plain, schema, where)
     OmegaConf.set_struct(merged, True)
     return merged
 

@@ -73,3 +73,12 @@ def test_root_env_var_overrides(installed, tmp_path):
 def test_inside_a_clone_the_root_is_the_clone(installed):
     got = run_installed(PROBE, installed, cwd=TOP/"nbs")
     assert got["root"] == str(TOP)
+
+
+def test_python_m_cli_runs_every_console_script():
+    "`python -m llm_playground.cli <cmd>` dispatches to the same entry points as the installed `lp_<cmd>` scripts."
+    from configparser import ConfigParser
+    from llm_playground.cli import _COMMANDS
+    cfg = ConfigParser(); cfg.read(Path(__file__).resolve().parents[1]/"settings.ini")
+    scripts = dict(l.strip().split("=", 1) for l in cfg["DEFAULT"]["console_scripts"].splitlines() if l.strip())
+    assert {f"lp_{k}": v for k, v in _COMMANDS.items()} == scripts
