@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['DatasetConfig', 'num_windows', 'find_manifest', 'manifest_dtype', 'TokenStream', 'load_tokens', 'check_tokens',
-           'bytes_per_token', 'NextTokenPredictionDataset', 'ResumableSampler', 'ResumableDataLoader',
+           'split_bytes', 'bytes_per_token', 'NextTokenPredictionDataset', 'ResumableSampler', 'ResumableDataLoader',
            'create_dataloader', 'dataloaders_from_config']
 
 # %% ../nbs/03_data.ipynb #fd7dbc28
@@ -239,20 +239,32 @@ def check_tokens(
         for f in files:
             if f.suffix == ".bin" and f.stat().st_size: _check_ids(f, tokenizer, what, dtype)
 
+# %% ../nbs/03_data.ipynb #d8a10019
+def _bytes_and_tokens(path) -> tuple[int, int] | None:
+    "(UTF-8 bytes, tokens) of a split folder, a shard or a list of them, from the manifest; None if it does not record them."
+    nbytes = ntok = 0
+    for p in map(Path, [path] if isinstance(path, (str, os.PathLike)) else path):
+        found, folder = find_manifest(p), (p if p.is_dir() else p.parent)
+        if not found or found[1].parent != folder.parent: return None
+        src = found[0].get("totals") if p.is_dir() else (found[0].get("shards") or {}).get(p.stem)
+        try: nbytes, ntok = nbytes + src["utf8_bytes"][folder.name], ntok + src["tokens"][folder.name]
+        except (KeyError, TypeError): return None
+    return nbytes, ntok
+
 # %% ../nbs/03_data.ipynb #d8a10016
+def split_bytes(
+    path: str | os.PathLike | Sequence[str | os.PathLike],  # a split folder (`.../train`), one of its `.bin` shards, or a list of these
+) -> int | None:  # UTF-8 bytes of text, or None when the manifest does not say
+    "UTF-8 bytes of the text that the tokens at `path` encode (without end-of-text markers), from its `manifest.json`."
+    found = _bytes_and_tokens(path)
+    return found[0] if found else None
+
 def bytes_per_token(
     path: str | os.PathLike | Sequence[str | os.PathLike],  # a split folder (`.../train`), one of its `.bin` shards, or a list of these
 ) -> float | None:  # UTF-8 bytes of text per token, or None when the manifest does not say
     "UTF-8 bytes of text per token of preprocessed data, from its `manifest.json` (bits per byte = loss / ln 2 / this)."
-    nbytes = ntok = 0
-    for p in map(Path, [path] if isinstance(path, (str, os.PathLike)) else path):
-        found = find_manifest(p)
-        if not found or found[1].parent != (p if p.is_dir() else p.parent).parent: return None
-        split = (p if p.is_dir() else p.parent).name
-        src = found[0].get("totals") if p.is_dir() else (found[0].get("shards") or {}).get(p.stem)
-        try: nbytes, ntok = nbytes + src["utf8_bytes"][split], ntok + src["tokens"][split]
-        except (KeyError, TypeError): return None
-    return nbytes / ntok if ntok else None
+    found = _bytes_and_tokens(path)
+    return found[0] / found[1] if found and found[1] else None
 
 # %% ../nbs/03_data.ipynb #695720c5
 def _positive_int(name: str, v) -> int:
