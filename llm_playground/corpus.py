@@ -89,6 +89,19 @@ def write_python_docs(
 class CorpusError(UserError):
     "A corpus could not be downloaded, or its bytes are not the pinned ones; nothing was written."
 
+# %% ../nbs/02a_corpus.ipynb #d8b30001
+def _missing_folders(d: Path) -> list[Path]:
+    "The folders on the way to `d` (`d` included) that do not exist yet, deepest first."
+    out = []
+    while not d.exists() and d != d.parent: out.append(d); d = d.parent
+    return out
+
+def _remove_empty(folders: list[Path]):
+    "Remove `folders` (deepest first) while they are empty."
+    for d in folders:
+        try: d.rmdir()
+        except OSError: break
+
 # %% ../nbs/02a_corpus.ipynb #033a103e
 def download_text(
     url: str,  # where to download from (`https://`, `http://` or `file://`)
@@ -99,11 +112,15 @@ def download_text(
 ) -> Path:  # `dest`
     "Download `url` to `dest` if its sha256 matches the pinned one; a mismatch raises `CorpusError` and writes nothing."
     dest, want = Path(dest).expanduser(), sha256.strip().lower()
-    if dest.is_file() and file_sha256(dest) == want:
-        if verbose: print(f"{dest}: already present (sha256 ok)")
-        return dest
+    if dest.is_file():
+        if (have := file_sha256(dest)) == want:
+            if verbose: print(f"{dest}: already present (sha256 ok)")
+            return dest
+        raise CorpusError(f"{dest} exists but is not the pinned file (sha256 {have}, pinned {want}): it was kept and nothing was "
+                          "downloaded. Move or delete it to download the pinned file, or set corpus.filename to another name.")
+    made = _missing_folders(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp, h, n = temp_path_for(dest), hashlib.sha256(), 0
+    tmp, h, n, done = temp_path_for(dest), hashlib.sha256(), 0, False
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
             while chunk := r.read(1 << 16): h.update(chunk); f.write(chunk); n += len(chunk)
@@ -112,10 +129,12 @@ def download_text(
             raise CorpusError(f"{url}: sha256 mismatch: expected {want}, got {h.hexdigest()} ({n:,} bytes). "
                               f"Nothing was written to {dest}. The file changed at the source or the download was damaged; "
                               "check corpus.url and corpus.sha256.")
-        os.replace(tmp, dest)
+        os.replace(tmp, dest); done = True
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise CorpusError(f"Could not download {url}: {getattr(e, 'reason', e)}. Nothing was written.") from None
-    finally: tmp.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+        if not done: _remove_empty(made)
     if verbose: print(f"{dest}: downloaded {n:,} bytes from {url} (sha256 ok)")
     return dest
 

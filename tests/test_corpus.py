@@ -28,11 +28,13 @@ def runs(tmp_path_factory):
     good = hashlib.sha256(src.read_bytes()).hexdigest()
     url = src.as_uri()
     (tmp/"again").mkdir(); (tmp/"again"/"the_verdict.txt").write_bytes(src.read_bytes())
+    (tmp/"mine").mkdir(); (tmp/"mine"/"the_verdict.txt").write_text("my own edited copy\n")
     cases = {
         "docs": ("lp_corpus", f"out_dir={tmp/'docs'}"),
         "good": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'good'}", f"corpus.url={url}", f"corpus.sha256={good}"),
         "again": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'again'}", f"corpus.url={tmp/'nowhere'}", f"corpus.sha256={good}"),
-        "mismatch": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'bad'}", f"corpus.url={url}", f"corpus.sha256={'0' * 64}"),
+        "mismatch": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'bad'/'deeper'}", f"corpus.url={url}", f"corpus.sha256={'0' * 64}"),
+        "differs": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'mine'}", f"corpus.url={url}", f"corpus.sha256={good}"),
         "missing": ("lp_corpus", "corpus=tinyshakespeare", f"out_dir={tmp/'missing'}", f"corpus.url={(tmp/'nope.txt').as_uri()}"),
     }
     with ThreadPoolExecutor(4) as ex: results = dict(zip(cases, ex.map(lambda c: cli(*c), cases.values())))
@@ -84,13 +86,23 @@ def test_download_skipped_when_present(runs):
 def test_download_checksum_mismatch(runs):
     tmp, _, res = runs
     failed_cleanly(res["mismatch"], "lp_corpus: error:", "sha256 mismatch", "Nothing was written")
-    assert not (tmp/"bad").exists() or list((tmp/"bad").iterdir()) == []   # no file, no temporary file
+    assert res["mismatch"].returncode == 1
+    assert not (tmp/"bad").exists()   # no file, no temporary file, not even the folders made for it
+
+
+def test_download_never_replaces_a_different_local_file(runs):
+    tmp, _, res = runs
+    failed_cleanly(res["differs"], "lp_corpus: error:", "the_verdict.txt exists but is not the pinned file", "it was kept",
+                   "corpus.filename")
+    assert res["differs"].returncode == 1 and len(res["differs"].stderr.strip().splitlines()) == 1
+    assert (tmp/"mine"/"the_verdict.txt").read_text() == "my own edited copy\n"
+    assert [p.name for p in (tmp/"mine").iterdir()] == ["the_verdict.txt"]
 
 
 def test_download_unreachable(runs):
     tmp, _, res = runs
     failed_cleanly(res["missing"], "Could not download", "nope.txt")
-    assert not (tmp/"missing").exists() or list((tmp/"missing").iterdir()) == []
+    assert not (tmp/"missing").exists()
 
 
 def test_bad_config(tmp_path):
