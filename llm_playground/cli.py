@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, compose_config, get_device, hydra_main, resolve_root, seed_everything, validate_config
-from .dataloader import DatasetConfig, dataloaders_from_config, find_manifest
+from .dataloader import DatasetConfig, dataloaders_from_config
 from .inference_utils import generate_text, vocab_guard
 from .logit_processors import processors_from_config
 from .tokenizer import Tokenizer, build_tokenizer
@@ -64,15 +64,11 @@ def check_compatible(
     cfg: DictConfig,  # a validated `pretrain` config
     tokenizer: Tokenizer,  # its tokenizer
 ):
-    "Raise `ConfigError` if the model, the tokenizer and the data do not fit together."
+    "Raise `ConfigError` if the model does not fit the tokenizer and the data's windows."
     V, m = tokenizer.vocab_size, cfg.model
     if m.vocab_size < V: raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary ({V}): set model.vocab_size={V}.")
     if cfg.dataset.max_length > m.context_length:
         raise ConfigError(f"dataset.max_length={cfg.dataset.max_length} exceeds model.context_length={m.context_length}.")
-    man = (find_manifest(cfg.dataset.train) or (None,))[0] if cfg.dataset.train else None
-    if man and (man.get("tokenizer"), man.get("vocab_size")) != (tokenizer.name, V):
-        raise ConfigError(f"The data in {cfg.dataset.train} was tokenized with {man.get('tokenizer')} (vocab {man.get('vocab_size')}), "
-                          f"but the tokenizer is {tokenizer.name} (vocab {V}): use the same tokenizer, or run lp_preprocess again.")
 
 # %% ../nbs/08_cli.ipynb #ee8eeeb6
 def latest_run(
