@@ -173,7 +173,8 @@ def pretrain(
                 print(f"No checkpoint was written: removed the new run directory {run_dir}.", file=sys.stderr)
             raise
     ev = getattr(trainer, "last_eval", None)
-    print(f"Done: step {trainer.step}" + (f", validation loss {ev['val_loss']:.4f}" if ev else "") + f". Run directory: {run_dir}")
+    bpb = f" ({ev['val_bpb']:.4f} bits per byte)" if ev and ev.get("val_bpb") is not None else ""
+    print(f"Done: step {trainer.step}" + (f", validation loss {ev['val_loss']:.4f}{bpb}" if ev else "") + f". Run directory: {run_dir}")
     if (run_dir/"loss.png").exists(): print(f"Loss plot: {run_dir/'loss.png'}")
     print(f"Sample from it: lp_sample checkpoint={run_dir} prompt=\"...\"   (or checkpoint=latest)")
     return trainer

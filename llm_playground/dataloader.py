@@ -274,6 +274,15 @@ def _positive_int(name: str, v) -> int:
     if isinstance(v, bool) or i < 1: raise DataError(f"{name} must be a positive integer (>= 1), got {v!r}.")
     return i
 
+# %% ../nbs/03_data.ipynb #c3d0e0b1
+def _stream_bytes_per_token(path, n_tokens: int) -> float | None:
+    "UTF-8 bytes per token of the data at `path` (`.txt` files: their size; `.bin`: the manifest), or None."
+    if isinstance(path, (TokenStream, np.ndarray, torch.Tensor)): return None
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+    if paths and all(p.suffix == ".txt" and p.is_file() for p in paths):
+        return sum(p.stat().st_size for p in paths) / n_tokens
+    return bytes_per_token(path)
+
 # %% ../nbs/03_data.ipynb #c6266d25
 class NextTokenPredictionDataset(Dataset):
     "Windows of `max_length` token ids, `stride` apart, each paired with the same window shifted by one token."
@@ -294,6 +303,7 @@ class NextTokenPredictionDataset(Dataset):
         if n < self.max_length + 1:
             raise DataError(f"The token stream from {self.source} has {n} tokens, but max_length={self.max_length} needs at least "
                              f"{self.max_length + 1} (a window plus the target's extra token): use a smaller max_length or more data.")
+        self.bytes_per_token = _stream_bytes_per_token(path, n)  # UTF-8 bytes of text per token (None: unknown), for bits per byte
 
     def __len__(self):
         "Number of windows, `(N - max_length - 1) // stride + 1` for a stream of `N` tokens."

@@ -337,8 +337,8 @@ def _fork_rng(device: torch.device):
 def evaluate(self: Trainer,
              dl=None,  # batches to evaluate on (default: the validation loader)
              max_batches: int | None = None,  # at most this many batches (default: `eval_max_batches`)
-            ) -> dict:  # `val_loss` and `val_ppl`
-    "Mean loss and perplexity over validation batches, leaving the training state (mode, RNG, loader) unchanged."
+            ) -> dict:  # `val_loss`, `val_ppl`, and `val_bpb` when the data's bytes per token are known
+    "Mean loss, perplexity and bits per byte over validation batches, leaving the training state (mode, RNG, loader) unchanged."
     dl, max_batches = dl if dl is not None else self.valid_dl, max_batches or self.cfg.eval_max_batches
     if dl is None: raise ValueError("No validation data: pass valid_dl to the Trainer, or dl to evaluate.")
     if hasattr(dl, "load_state_dict"): dl.load_state_dict({**dl.state_dict(), "samples_yielded": 0})  # from the start
@@ -351,7 +351,8 @@ def evaluate(self: Trainer,
             count += yb.numel()  # (summed on the device: one synchronisation at the end, not one per batch)
     self.model.train(was_training)
     loss = float(total) / max(count, 1)
-    return dict(val_loss=loss, val_ppl=math.exp(min(loss, 50)))
+    bpt = getattr(getattr(dl, "dataset", None), "bytes_per_token", None)
+    return dict(val_loss=loss, val_ppl=math.exp(min(loss, 50)), **({"val_bpb": loss / math.log(2) / bpt} if bpt else {}))
 
 # %% ../nbs/07b_trainer.ipynb #6b0d030b
 @patch
