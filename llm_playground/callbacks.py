@@ -111,6 +111,7 @@ class ProgressCB(Callback):
         "One plain progress line for the logged row `r`."
         done = t.step - self._step0
         left = (time.perf_counter() - self._t0) / done * (t.total_steps - t.step) if done else 0.0
+        if t.cfg.max_time: left = min(left, max(0.0, t.cfg.max_time - t.train_time)) if done else t.cfg.max_time - t.train_time
         return (f"step {r['step']}/{t.total_steps}: loss {r['loss']:.4f}, lr {r['lr']:.2e}, "
                 f"{r.get('tokens_per_s', 0):,.0f} tok/s, {left // 60:.0f}m{left % 60:02.0f}s left")
     def cleanup_fit(self, t):

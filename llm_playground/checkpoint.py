@@ -71,7 +71,7 @@ def _checkpoint_state(t) -> dict:
     return dict(step=t.step, epoch=t.epoch, batch_in_epoch=t.batch_in_epoch, tokens_seen=t.tokens_seen,
                 scheduler=t.sched.state_dict(), scaler=t.scaler.state_dict(), rng=rng_state(),
                 data=t.train_dl.state_dict() if hasattr(t.train_dl, "state_dict") else None,
-                losses=list(getattr(t, "recent_losses", ())))
+                losses=list(getattr(t, "recent_losses", ())), train_time=float(getattr(t, "train_time", 0.0)))
 
 # %% ../nbs/07d_checkpoint.ipynb #7d0d0009
 def _swap_in(tmp: Path, final: Path):
@@ -314,6 +314,7 @@ def _apply_optimiser_config(t):
         g.update({k: v for k, v in f.items() if k not in ("params", "names")}, initial_lr=f["lr"])
     t.sched.base_lrs = [g["initial_lr"] for g in t.opt.param_groups]
     t.sched.lr_lambdas[0] = fn = LRSchedule(t.total_steps, warmup_steps_for(t.opt_cfg, t.total_steps), t.opt_cfg.min_lr_ratio, t.opt_cfg.schedule)
+    fn.time_fraction = min(1.0, t.train_time / t.cfg.max_time) if t.cfg.max_time else 0.0  # the budget spent so far (`max_time`)
     for g, base in zip(t.opt.param_groups, t.sched.base_lrs): g["lr"] = base * fn(t.sched.last_epoch)
 
 # %% ../nbs/07d_checkpoint.ipynb #ff8bf903
@@ -327,6 +328,7 @@ def _check_state(st, f: Path) -> dict:
         if not isinstance(st[k], ty) or isinstance(st[k], bool):
             raise CorruptCheckpointError(f"Corrupt checkpoint: {f}: '{k}' is a {type(st[k]).__name__}, expected a {ty.__name__}.")
     losses = st.get("losses", [])
+    if not isinstance(st.get("train_time", 0.0), float): raise CorruptCheckpointError(f"Corrupt checkpoint: {f}: 'train_time' is not a number.")
     if not isinstance(st.get("data"), (dict, type(None))) or not (isinstance(losses, list) and all(type(x) in (int, float) for x in losses)):
         raise CorruptCheckpointError(f"Corrupt checkpoint: {f}: 'data' or 'losses' has the wrong type.")
     saved = rng_state()
@@ -343,6 +345,7 @@ def _load_into(t, path: Path) -> Path:
     load_weights(t.model, path)
     _read(path/"optimizer.pt", lambda: t.opt.load_state_dict(opt_sd))
     _read(path/"state.pt", lambda: (t.sched.load_state_dict(st["scheduler"]), t.scaler.load_state_dict(st["scaler"])))
+    t.train_time = float(st.get("train_time", 0.0))  # the clock of a time budget continues (older checkpoints: from 0)
     _apply_optimiser_config(t)  # this run's optimiser settings win over the saved ones (a resume may lower the lr)
     t.step, t.epoch, t.batch_in_epoch, t.tokens_seen = st["step"], st["epoch"], st["batch_in_epoch"], st["tokens_seen"]
     if t.batch_in_epoch >= len(t.train_dl): t.epoch, t.batch_in_epoch = t.epoch + 1, 0  # the epoch (and its callbacks) ran

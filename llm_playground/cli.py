@@ -164,7 +164,8 @@ def pretrain(
     trainer = prepare_run(cfg, overrides)
     run_dir, resumed = trainer.run_dir, getattr(trainer, "resumed_from", None)
     print(f"Resuming {run_dir} from step {trainer.step} ({resumed.name})." if resumed else f"Run directory: {run_dir}")
-    print(f"Model: {trainer.model.num_params():,} parameters; {trainer.total_steps} optimiser steps on {trainer.device} in {trainer.precision}.")
+    budget = f" (or {trainer.cfg.max_time:g} s of training, whichever ends first)" if trainer.cfg.max_time else ""
+    print(f"Model: {trainer.model.num_params():,} parameters; {trainer.total_steps} optimiser steps{budget} on {trainer.device} in {trainer.precision}.")
     with trainer.run_lock:
         try: trainer.fit()
         except BaseException:

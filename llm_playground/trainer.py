@@ -12,7 +12,7 @@ import functools, json, math, statistics, time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, ClassVar, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,7 @@ class SamplingConfig:
     seed: int = 0  # seed of the sampling (reproducible; the training's random state is left alone)
     show: bool = True  # print the samples
     save: bool = True  # append them to samples.jsonl in the run directory
+    ranges: ClassVar[dict] = dict(every_n_steps=">= 0", max_new_tokens=">= 0", temperature=">= 0", top_k=">= 1", top_p="(0, 1]")
 
 # %% ../nbs/07b_trainer.ipynb #219c34dd
 @dataclass
@@ -105,6 +106,7 @@ class TrainerConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     num_epochs: int = 3  # passes over the training data
     max_steps: Optional[int] = None  # stop after this many optimiser steps (overrides num_epochs)
+    max_time: Optional[float] = None  # or stop after this many seconds of training, the learning-rate decay ending with them (None: no limit)
     grad_accum_steps: int = 1  # micro-batches per optimiser step
     max_grad_norm: float = 1.0  # clip the gradient norm to this (0: no clipping)
     log_steps: int = 10  # log training metrics every N steps
@@ -118,6 +120,8 @@ class TrainerConfig:
     progress: bool = True  # show a progress bar
     plot: bool = True  # save loss.png in the run directory
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    ranges: ClassVar[dict] = dict(num_epochs=">= 1", max_steps=">= 1", max_time="> 0", grad_accum_steps=">= 1", max_grad_norm=">= 0",
+                                  log_steps=">= 0", eval_steps=">= 0", eval_max_batches=">= 1", save_steps=">= 0", keep_last=">= 0")
 
 # %% ../nbs/07b_trainer.ipynb #6b0d0301
 DIVERGENCE_WINDOW = 100  # the running level of the loss is the median of this many recent steps
@@ -181,6 +185,7 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = self.tokens_seen = 0
         self.history, self.snapshot, self._restore_rng, self.fwd_model = [], None, None, self.model
         self.recent_losses = deque(maxlen=DIVERGENCE_WINDOW)  # the last steps' losses, for the divergence guard
+        self.train_time, self._t_last, self._out_of_time = 0.0, time.perf_counter(), False  # seconds of `fit` (see `max_time`)
 
 # %% ../nbs/07b_trainer.ipynb #6b0d0105
 @patch
@@ -191,8 +196,8 @@ def callback(self: Trainer, event: str):
 # %% ../nbs/07b_trainer.ipynb #6b0d0107
 @patch(as_prop=True)
 def done(self: Trainer) -> bool:
-    "Has the run reached `total_steps`?"
-    return self.step >= self.total_steps
+    "Has the run reached `total_steps` (or spent its `max_time`)?"
+    return self.step >= self.total_steps or self._out_of_time
 
 # %% ../nbs/07b_trainer.ipynb #ad62d743
 @patch
@@ -248,6 +253,16 @@ def _check_step(self: Trainer):
         raise DivergenceError(f"The gradient norm is {norm} {at}: stopping before the weights are damaged. {self._divergence_advice()}")
     self.recent_losses.append(loss)
 
+# %% ../nbs/07b_trainer.ipynb #7b0e0002
+@patch
+def _tick(self: Trainer):
+    "At the end of a step: add its seconds to `train_time`; under `max_time`, tell the schedule and `done` how much is spent."
+    now = time.perf_counter()
+    self.train_time, self._t_last = self.train_time + now - self._t_last, now
+    if self.cfg.max_time:
+        used = self.train_time / self.cfg.max_time
+        self.sched.lr_lambdas[0].time_fraction, self._out_of_time = min(1.0, used), used >= 1
+
 # %% ../nbs/07b_trainer.ipynb #6b0d010d
 @patch
 @with_cbs("step")
@@ -262,6 +277,7 @@ def _one_step(self: Trainer):
     self.grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
     self._check_step()  # before the optimiser step: a diverged step never touches the weights
     self.scaler.step(self.opt); self.scaler.update(); self.opt.zero_grad(set_to_none=True)
+    self._tick()  # the clock, read once per step: every callback of this step sees the same `done`
     self.sched.step()
     self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + n
 
@@ -283,10 +299,12 @@ def _fit(self: Trainer):
 # %% ../nbs/07b_trainer.ipynb #6b0d0115
 @patch
 def fit(self: Trainer):
-    "Train until `total_steps` optimiser steps are done (counting those of a resumed run)."
+    "Train until `total_steps` optimiser steps are done, or `max_time` seconds are spent (counting those of a resumed run)."
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if self.cfg.deterministic: torch.use_deterministic_algorithms(True)
     if self.cfg.compile: self.fwd_model = torch.compile(self.model)
+    self._t_last = time.perf_counter()  # the clock of `max_time` runs while `fit` does
+    self._out_of_time = bool(self.cfg.max_time) and self.train_time >= self.cfg.max_time
     try:
         with torch.enable_grad(): self._fit()  # train even when called under `torch.no_grad()`
     finally: torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])

@@ -65,8 +65,14 @@ def test_output_dir_under_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("bad, says", [("optimiser.lr=nan", "Config key 'optimiser.lr' must be a finite number, got nan."),
-                                       ("optimiser.weight_decay=inf", "'optimiser.weight_decay' must be a finite number, got inf")])
-def test_non_finite_setting_named_by_key(tmp_path, bad, says):
+                                       ("optimiser.weight_decay=inf", "'optimiser.weight_decay' must be a finite number, got inf"),
+                                       ("optimiser.lr=-1", "Config key 'optimiser.lr' must be > 0, got -1.0."),
+                                       ("optimiser.betas=[2,0.9]", "'optimiser.betas' must be in [0, 1), got [2.0, 0.9]"),
+                                       ("trainer.grad_accum_steps=0", "'trainer.grad_accum_steps' must be >= 1, got 0"),
+                                       ("trainer.max_steps=-3", "'trainer.max_steps' must be >= 1, got -3"),
+                                       ("trainer.max_time=0", "'trainer.max_time' must be > 0, got 0.0"),
+                                       ("trainer.sampling.top_p=0", "'trainer.sampling.top_p' must be in (0, 1], got 0.0")])
+def test_bad_number_named_by_key(tmp_path, bad, says):
     r = pretrain(tmp_path/"models", bad)
     assert r.returncode == 2
     assert says in one_error_line(r)
