@@ -35,7 +35,8 @@ def runs(tmp_path_factory):
         "again": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'again'}", f"corpus.url={tmp/'nowhere'}", f"corpus.sha256={good}"),
         "mismatch": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'bad'/'deeper'}", f"corpus.url={url}", f"corpus.sha256={'0' * 64}"),
         "differs": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'mine'}", f"corpus.url={url}", f"corpus.sha256={good}"),
-        "missing": ("lp_corpus", "corpus=tinyshakespeare", f"out_dir={tmp/'missing'}", f"corpus.url={(tmp/'nope.txt').as_uri()}"),
+        "missing": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'missing'}", f"corpus.url={(tmp/'nope.txt').as_uri()}"),
+        "shakespeare": ("lp_corpus", "corpus=tinyshakespeare", f"out_dir={tmp/'ts'}"),
     }
     with ThreadPoolExecutor(4) as ex: results = dict(zip(cases, ex.map(lambda c: cli(*c), cases.values())))
     return tmp, src, results
@@ -49,6 +50,13 @@ def failed_cleanly(r, *needles):
     assert r.returncode != 0, r.stdout
     assert "Traceback" not in r.stderr, r.stderr
     for n in needles: assert n in r.stderr, r.stderr
+
+
+def test_packaged_shakespeare(runs):
+    "The packaged text is copied out, offline, byte for byte the pinned file."
+    tmp, _, res = runs
+    ok(res["shakespeare"])
+    assert hashlib.sha256((tmp/"ts"/"tinyshakespeare.txt").read_bytes()).hexdigest() == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 def test_python_docs_corpus(runs):
@@ -108,7 +116,7 @@ def test_download_unreachable(runs):
 def test_bad_config(tmp_path):
     from llm_playground.config import ConfigError
     from llm_playground.corpus import corpus_from_config
-    for override, needle in [("corpus.num_shards=0", "num_shards"), ("corpus.source=ftp", "python_docs or url"),
+    for override, needle in [("corpus.num_shards=0", "num_shards"), ("corpus.source=ftp", "python_docs, package or url"),
                              ("corpus.num_shards=many", "corpus.num_shards")]:
         with pytest.raises(ConfigError, match=needle):
             corpus_from_config(compose_config("corpus", [f"out_dir={tmp_path}", override]))
