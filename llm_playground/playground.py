@@ -8,7 +8,7 @@ __all__ = ['MissingDependencyError', 'monitor_figure', 'fig_png', 'TrainingMonit
            'attention_weights', 'head_scores', 'plot_attention', 'plot_attention_heads', 'AttentionExplorer',
            'explore_attention', 'LogitLens', 'logit_lens', 'plot_logit_lens', 'LensExplorer', 'explore_lens']
 
-# %% ../nbs/10_playground.ipynb #adb4e6b1
+# %% ../nbs/10_playground.ipynb #00e8baaf
 import html, io, math, threading, time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -27,7 +27,7 @@ from .logit_processors import compose, processors_from_config
 from .trainer import Callback, CancelFitException
 from .utils import UserError
 
-# %% ../nbs/10_playground.ipynb #5d854517
+# %% ../nbs/10_playground.ipynb #50ad09c1
 _DPI = 72  # resolution of the figures: small PNGs in the saved notebook (widgets render theirs with `fig_png`)
 
 class MissingDependencyError(UserError, ImportError):
@@ -37,7 +37,7 @@ try: import ipywidgets as widgets
 except ImportError: raise MissingDependencyError(
     "llm_playground.playground needs ipywidgets >= 8: pip install 'ipywidgets>=8' (pip install llm-playground installs it).") from None
 
-# %% ../nbs/10_playground.ipynb #46fa21af
+# %% ../nbs/10_playground.ipynb #fb36c576
 def monitor_figure(
     rows: Sequence[dict],  # logged rows (`Trainer.history` or `read_metrics(run_dir)`)
     total_steps: int | None = None,  # the run's length, to fix the x axis (None: the steps logged)
@@ -59,7 +59,7 @@ def monitor_figure(
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_playground.ipynb #41e573ce
+# %% ../nbs/10_playground.ipynb #5c0c1967
 def fig_png(
     fig: Figure,  # a matplotlib figure
     dpi: int = 90,  # resolution
@@ -68,7 +68,7 @@ def fig_png(
     buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
-# %% ../nbs/10_playground.ipynb #10d2fb27
+# %% ../nbs/10_playground.ipynb #83565dd9
 class TrainingMonitor(Callback):
     "A `Trainer` callback showing live loss / bits-per-byte / learning-rate plots and samples, with a stop button."
     order = 70  # after the metrics, evaluation, samples and checkpoints of the step
@@ -90,7 +90,7 @@ class TrainingMonitor(Callback):
         "Ask the training to stop after the current step (what the stop button does)."
         self._stop.set(); self.stop_button.disabled = True; self.status.value = "stopping after this step..."
 
-# %% ../nbs/10_playground.ipynb #6c521e85
+# %% ../nbs/10_playground.ipynb #ec696a6d
 def _sampler(t) -> SampleCB:
     "The run's `SampleCB` (its prompts and settings), or one made from `trainer.sampling`."
     return next((c for c in t.cbs if isinstance(c, SampleCB)), None) or SampleCB(t.cfg.sampling)
@@ -138,7 +138,7 @@ def sample(self: TrainingMonitor, t):
     self.samples.value = f"<b>samples at step {t.step}</b>" + "".join(
         f"<pre style='margin:2px 0;white-space:pre-wrap'>{html.escape(s)}</pre>" for s in self.last_samples)
 
-# %% ../nbs/10_playground.ipynb #a3759e99
+# %% ../nbs/10_playground.ipynb #cf71a972
 @patch
 def fit(self: TrainingMonitor,
         trainer,  # a `Trainer`
@@ -165,19 +165,19 @@ def wait(self: TrainingMonitor,
     if self.error is not None: raise self.error
     return self.thread is None or not self.thread.is_alive()
 
-# %% ../nbs/10_playground.ipynb #f40b647e
+# %% ../nbs/10_playground.ipynb #f2db5b96
 _VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
 
 def token_label(
     tokenizer,  # a `Tokenizer`
     token_id: int,  # a token id
 ) -> str:  # its text with visible whitespace; `<id N>` for an id the tokenizer cannot decode
-    "The text of one token, printable: spaces as ␣, newlines as ↵."
+    "The text of one token, printable: spaces as ␣, newlines as ↵, other control characters escaped (`\\x0b`)."
     if not 0 <= token_id < tokenizer.vocab_size: return f"<id {token_id}>"
     if token_id == tokenizer.eot_token: return "<|endoftext|>"
-    return tokenizer.decode([token_id]).translate(_VISIBLE)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in tokenizer.decode([token_id]).translate(_VISIBLE))
 
-# %% ../nbs/10_playground.ipynb #a8898955
+# %% ../nbs/10_playground.ipynb #6031b3b5
 @dataclass
 class Candidates:
     "The next-token distribution before and after the logit processors, for the most likely tokens."
@@ -196,7 +196,7 @@ class Candidates:
         return "\n".join(["| token | id | before | after |", "|---|---|---|---|", *rows,
                           f"\n{self.kept} tokens kept; entropy {self.entropy_before:.2f} → {self.entropy_after:.2f} bits"])
 
-# %% ../nbs/10_playground.ipynb #79aaf239
+# %% ../nbs/10_playground.ipynb #2ab31b74
 def _entropy_bits(p: Tensor) -> float:
     "Entropy of a distribution, in bits."
     p = p[p > 0]
@@ -209,7 +209,7 @@ def _context_ids(model, tokenizer, ids) -> list[int]:
 
 def _device(model) -> torch.device: return next(model.parameters()).device
 
-# %% ../nbs/10_playground.ipynb #7dca5933
+# %% ../nbs/10_playground.ipynb #eef9a0fb
 def next_token_candidates(
     model,  # a `Transformer`
     tokenizer,  # its tokenizer
@@ -232,7 +232,7 @@ def next_token_candidates(
     return Candidates(top, [token_label(tokenizer, i) for i in top], [before[i].item() for i in top], [after[i].item() for i in top],
                       [after[i].item() == 0 for i in top], _entropy_bits(before), _entropy_bits(after), int((after > 0).sum()), after)
 
-# %% ../nbs/10_playground.ipynb #953227c3
+# %% ../nbs/10_playground.ipynb #b9e329c2
 def plot_candidates(
     c: Candidates,  # from `next_token_candidates`
     title: str | None = None,  # the figure's title (None: the entropy and the number of tokens kept)
@@ -251,7 +251,7 @@ def plot_candidates(
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_playground.ipynb #d835bf04
+# %% ../nbs/10_playground.ipynb #4d71122f
 def token_scores(
     model,  # a `Transformer`
     tokenizer,  # its tokenizer
@@ -268,7 +268,7 @@ def token_scores(
                         p=None if lp is None else math.exp(lp), bits=None if lp is None else -lp / math.log(2)))
     return out
 
-# %% ../nbs/10_playground.ipynb #55563c24
+# %% ../nbs/10_playground.ipynb #e2b8dcf2
 def tokens_html(
     scores: Sequence[dict],  # from `token_scores`
     max_bits: float | None = None,  # the darkest colour (None: log2 of the vocabulary size, if given, else 10)
@@ -279,14 +279,14 @@ def tokens_html(
     cmap, boxes = colormaps["YlOrRd"], []
     for s in scores:
         bits = s["bits"]
-        bg = "#eee" if bits is None else to_hex(cmap(min(bits / top, 1.0) * 0.85))
+        bg = "#eee" if bits is None else to_hex(cmap(min(bits / top, 1.0) * 0.75))   # the darkest still lets the text show
         tip = f"id {s['id']}" + ("" if bits is None else f" · p = {s['p']:.3f} · {bits:.2f} bits")
         boxes.append(f"<span class='lp-tok' title='{html.escape(tip)}' style='display:inline-block;background:{bg};border:1px solid #999;"
                      f"border-radius:3px;margin:1px;padding:0 2px;text-align:center;font-family:monospace;line-height:1.1'>"
                      f"{html.escape(s['label'])}<br><span style='font-size:8px;color:#333'>{s['id']}</span></span>")
     return f"<div class='lp-tokens' style='line-height:1.9'>{''.join(boxes)}</div>"
 
-# %% ../nbs/10_playground.ipynb #eece01fc
+# %% ../nbs/10_playground.ipynb #01b24293
 class NextTokenExplorer(widgets.VBox):
     "The next-token explorer widget (see `explore`)."
     def __init__(self, model, tokenizer, prompt: str = "", n: int = 10, seed: int = 0, temperature: float = 1.0,
@@ -312,7 +312,7 @@ class NextTokenExplorer(widgets.VBox):
                          widgets.HTML("<b>continue with:</b>"), self.candidate_buttons, self.text, self.info]
         self.refresh()
 
-# %% ../nbs/10_playground.ipynb #e7fec8fc
+# %% ../nbs/10_playground.ipynb #b3178459
 @patch(as_prop=True)
 def ids(self: NextTokenExplorer) -> list[int]:
     "The text so far, as token ids: the prompt's, then the ones added with the buttons."
@@ -358,7 +358,7 @@ def undo(self: NextTokenExplorer):
 @patch
 def _new_prompt(self: NextTokenExplorer, change): self.added = []; self.refresh()
 
-# %% ../nbs/10_playground.ipynb #70e4e470
+# %% ../nbs/10_playground.ipynb #3b819095
 def explore(
     model,  # a `Transformer` (trained here, from `load_model`, or `Transformer.from_hf`)
     tokenizer,  # its tokenizer
@@ -370,7 +370,7 @@ def explore(
     "The next-token explorer: the candidates for the next token before and after the processors, and buttons to continue."
     return NextTokenExplorer(model, tokenizer, prompt, n, seed, **settings)
 
-# %% ../nbs/10_playground.ipynb #5b9f22f4
+# %% ../nbs/10_playground.ipynb #5f8520c2
 def attention_weights(
     model,  # a `Transformer`
     tokenizer,  # its tokenizer
@@ -381,7 +381,7 @@ def attention_weights(
     with _inference(model): _, ws = model.hidden_states(torch.tensor([ids], device=_device(model)), return_attn=True)
     return torch.stack([w[0] for w in ws]).float().cpu()
 
-# %% ../nbs/10_playground.ipynb #b476852a
+# %% ../nbs/10_playground.ipynb #be2f6e82
 def head_scores(
     weights: Tensor,  # `[n_layers, n_heads, T, T]` from `attention_weights`
 ) -> dict[str, Tensor]:  # `entropy` (bits), `previous`, `self`, `first` (mean weights): each `[n_layers, n_heads]`
@@ -395,7 +395,7 @@ def head_scores(
     first = weights[..., 1:, 0].mean(-1)
     return dict(entropy=entropy, previous=prev, self=own, first=first)
 
-# %% ../nbs/10_playground.ipynb #b44275d0
+# %% ../nbs/10_playground.ipynb #d3daa4ae
 def _labels(tokenizer, ids) -> list[str]: return [token_label(tokenizer, i) for i in ids]
 
 def _heatmap(ax, w: Tensor, labels: Sequence[str], fontsize: float):
@@ -419,7 +419,7 @@ def plot_attention(
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_playground.ipynb #c50d88cc
+# %% ../nbs/10_playground.ipynb #dfb86403
 def plot_attention_heads(
     weights: Tensor,  # `[n_layers, n_heads, T, T]` from `attention_weights`
     labels: Sequence[str],  # the T token labels
@@ -438,7 +438,7 @@ def plot_attention_heads(
     fig.suptitle(f"layer {layer}", fontsize=9); fig.tight_layout()
     return fig
 
-# %% ../nbs/10_playground.ipynb #7bafc06b
+# %% ../nbs/10_playground.ipynb #bec4b719
 class AttentionExplorer(widgets.VBox):
     "The attention explorer widget (see `explore_attention`)."
     def __init__(self, model, tokenizer, prompt: str = "", layer: int = 0, head: int = 0):
@@ -464,7 +464,7 @@ class AttentionExplorer(widgets.VBox):
         self.map.value = fig_png(plot_attention(self.weights, self.labels, self.layer.value, self.head.value))
         self.grid.value = fig_png(plot_attention_heads(self.weights, self.labels, self.layer.value))
 
-# %% ../nbs/10_playground.ipynb #0355dd67
+# %% ../nbs/10_playground.ipynb #84d9fb2d
 def explore_attention(
     model,  # a `Transformer`
     tokenizer,  # its tokenizer
@@ -475,7 +475,7 @@ def explore_attention(
     "The attention explorer: one head's attention map, with layer and head selectors, and all heads of the layer."
     return AttentionExplorer(model, tokenizer, prompt, layer, head)
 
-# %% ../nbs/10_playground.ipynb #cc0b830f
+# %% ../nbs/10_playground.ipynb #83fed70f
 @dataclass
 class LogitLens:
     "The top next-token prediction after every layer, at every position."
@@ -485,7 +485,7 @@ class LogitLens:
     top_probs: Tensor  # `[n_layers + 1, T]` its probability
     next_probs: Tensor  # `[n_layers + 1, T]` the probability of the token that actually comes next (NaN at the last position)
 
-# %% ../nbs/10_playground.ipynb #c2db5938
+# %% ../nbs/10_playground.ipynb #987a4dbf
 def logit_lens(
     model,  # a `Transformer` (anything with `drop`, `blocks`, `ln_f`, `head` and `hidden_states`)
     tokenizer,  # its tokenizer
@@ -507,7 +507,7 @@ def logit_lens(
     return LogitLens(["embeddings"] + [f"block {i}" for i in range(len(model.blocks))], _labels(tokenizer, ids),
                      torch.stack([t.indices for t in top]), torch.stack([t.values for t in top]), next_p)
 
-# %% ../nbs/10_playground.ipynb #097c814e
+# %% ../nbs/10_playground.ipynb #35293785
 def plot_logit_lens(
     lens: LogitLens,  # from `logit_lens`
     tokenizer,  # its tokenizer (to label the predictions)
@@ -533,7 +533,7 @@ def plot_logit_lens(
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_playground.ipynb #adc0244e
+# %% ../nbs/10_playground.ipynb #a27c9570
 class LensExplorer(widgets.VBox):
     "The logit-lens explorer widget (see `explore_lens`)."
     def __init__(self, model, tokenizer, prompt: str = "", value: str = "top"):
@@ -555,7 +555,7 @@ class LensExplorer(widgets.VBox):
         "Draw the lens, coloured as selected."
         self.chart.value = fig_png(plot_logit_lens(self.lens, self.tokenizer, self.value.value))
 
-# %% ../nbs/10_playground.ipynb #26b487e6
+# %% ../nbs/10_playground.ipynb #daceb1c8
 def explore_lens(
     model,  # a `Transformer`
     tokenizer,  # its tokenizer
