@@ -124,7 +124,7 @@ def cleanup_fit(self: TrainingMonitor, t):
 @patch
 def redraw(self: TrainingMonitor, t):
     "Draw the trainer's history now."
-    self.plot.value = fig_png(monitor_figure(t.history, t.total_steps))
+    self.plot.value = fig_png(monitor_figure(t.history))   # the axes grow with the run (the status line says how far it is)
     self.status.value = f"step {t.step} of {t.total_steps}"
     self._drawn = time.perf_counter()
 

@@ -2,7 +2,9 @@
 
 Opens a small notebook that uses `llm_playground.playground`, runs it, checks that the next-token explorer renders
 (chart, sliders, coloured tokens), that moving the temperature slider redraws the chart and that the greedy button
-adds a token; saves a screenshot under pytest's tmp dir and prints its path. Skips, saying why, without a browser.
+adds a token; then that the training monitor redraws while a fit runs in the background and that its stop button
+stops it, in a real kernel. Saves two screenshots under pytest's tmp dir and prints their paths. Skips, saying why,
+without a browser.
 Install: `apt-get install -y chromium chromium-driver` (Debian) and `pip install jupyterlab selenium` (the dev extra)."""
 import importlib.util, json, os, shutil, signal, socket, subprocess, sys, time, urllib.request, uuid
 from pathlib import Path
@@ -35,10 +37,22 @@ tok = CharTokenizer()   # printable ASCII
 model = Transformer(vocab_size=tok.vocab_size, context_length=32, emb_dim=32, n_layers=2, n_heads=2, init_std=0.3)
 explore(model, tok, prompt="It is a truth", n=8)"""
 
+MONITOR = """\
+from llm_playground.dataloader import NextTokenPredictionDataset, create_dataloader
+from llm_playground.playground import TrainingMonitor
+from llm_playground.trainer import Trainer
+data = torch.tensor(tok.encode("It is a truth universally acknowledged. " * 20))
+dl = create_dataloader(NextTokenPredictionDataset(data, max_length=16, stride=4), batch_size=8, seed=0, pin_memory=False)
+trainer = Trainer(model, dl, tokenizer=tok, opt_cfg=dict(lr=3e-3, warmup_steps=1), cfg=dict(max_steps=100_000, log_steps=1, device="cpu", precision="fp32", progress=False,
+                  plot=False, sampling=dict(prompts=["It is"], every_epoch=False, show=False, max_new_tokens=10)))
+monitor = TrainingMonitor(min_interval=0.2, sample_steps=20)
+monitor.fit(trainer)
+monitor.widget"""
+
 
 def _notebook(path: Path):
-    nb = dict(nbformat=4, nbformat_minor=5, cells=[dict(cell_type="code", id="explorer", metadata={}, outputs=[],
-                                                         execution_count=None, source=CELL)],
+    nb = dict(nbformat=4, nbformat_minor=5, cells=[dict(cell_type="code", id=i, metadata={}, outputs=[], execution_count=None, source=src)
+                                                   for i, src in (("explorer", CELL), ("monitor", MONITOR))],
               metadata=dict(kernelspec=dict(name="python3", display_name="Python 3", language="python")))
     path.write_text(json.dumps(nb), encoding="utf-8")
 
@@ -134,7 +148,21 @@ def test_explorer_in_jupyterlab(lab, browser, tmp_path, capsys):
     greedy.click()
     _wait("the greedy button to add a token", lambda: len(css(".jp-OutputArea .lp-tok")) == n_tokens + 1, timeout=30)
 
-    shot = tmp_path/"playground_explorer.png"
-    d.save_screenshot(str(shot))
-    assert shot.stat().st_size > 10_000
-    with capsys.disabled(): print(f"\n[test_browser] screenshot: {shot} ({time.time() - t0:.1f} s in the browser)")
+    shots = [tmp_path/"playground_explorer.png", tmp_path/"playground_monitor.png"]
+    d.save_screenshot(str(shots[0]))
+
+    # the training monitor: it redraws while the fit runs in a thread, and its stop button is heard by the busy kernel
+    editors = [e for e in css(".jp-Notebook .jp-Cell .jp-InputArea-editor") if e.is_displayed()]
+    editors[1].click(); d.switch_to.active_element.send_keys(Keys.SHIFT, Keys.ENTER)
+    out = lambda: css(".jp-Notebook .jp-Cell")[1].find_element(By.CSS_SELECTOR, ".jp-OutputArea")
+    plot = _wait("the monitor's plot", lambda: [i for i in out().find_elements(By.CSS_SELECTOR, "img.widget-image") if i.get_attribute("src")], timeout=60)[0]
+    first = plot.get_attribute("src")
+    _wait("the monitor to redraw during training", lambda: plot.get_attribute("src") != first, timeout=30)
+    _wait("samples", lambda: "samples at step" in out().text, timeout=30)
+    stop = next(b for b in out().find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == "stop")
+    stop.click()
+    _wait("the stop button to stop training", lambda: "stopped at step" in out().text, timeout=30)
+
+    d.save_screenshot(str(shots[1]))
+    assert all(s.stat().st_size > 10_000 for s in shots)
+    with capsys.disabled(): print(f"\n[test_browser] screenshots: {shots[0]}, {shots[1]} ({time.time() - t0:.1f} s in the browser)")
