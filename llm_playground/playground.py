@@ -289,8 +289,17 @@ def tokens_html(
 # %% ../nbs/10_playground.ipynb #01b24293
 class NextTokenExplorer(widgets.VBox):
     "The next-token explorer widget (see `explore`)."
-    def __init__(self, model, tokenizer, prompt: str = "", n: int = 10, seed: int = 0, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0):
+    def __init__(self,
+                 model,  # a `Transformer`
+                 tokenizer,  # its tokenizer
+                 prompt: str = "",  # the text to start from
+                 n: int = 10,  # candidates shown
+                 seed: int = 0,  # seed of the sample button's random generator
+                 temperature: float = 1.0,  # the sliders' starting values: 0 is greedy...
+                 top_k: int = 0,  # ...0 is off...
+                 top_p: float = 1.0,  # ...1 is off...
+                 repetition_penalty: float = 1.0,  # ...1 is off
+                ):
         super().__init__()
         self.model, self.tokenizer, self.n, self.added, self.candidates = model, tokenizer, n, [], None
         self.generator = torch.Generator().manual_seed(seed)
@@ -441,7 +450,13 @@ def plot_attention_heads(
 # %% ../nbs/10_playground.ipynb #bec4b719
 class AttentionExplorer(widgets.VBox):
     "The attention explorer widget (see `explore_attention`)."
-    def __init__(self, model, tokenizer, prompt: str = "", layer: int = 0, head: int = 0):
+    def __init__(self,
+                 model,  # a `Transformer`
+                 tokenizer,  # its tokenizer
+                 prompt: str = "",  # the text whose attention to show
+                 layer: int = 0,  # the layer shown first
+                 head: int = 0,  # the head shown first
+                ):
         super().__init__()
         self.model, self.tokenizer, c = model, tokenizer, model.cfg
         self.prompt = widgets.Text(prompt, description="prompt", continuous_update=False, layout=dict(width="600px"))
@@ -536,7 +551,12 @@ def plot_logit_lens(
 # %% ../nbs/10_playground.ipynb #a27c9570
 class LensExplorer(widgets.VBox):
     "The logit-lens explorer widget (see `explore_lens`)."
-    def __init__(self, model, tokenizer, prompt: str = "", value: str = "top"):
+    def __init__(self,
+                 model,  # a `Transformer`
+                 tokenizer,  # its tokenizer
+                 prompt: str = "",  # the text to read the model's predictions on
+                 value: str = "top",  # colour by `top` (the prediction's probability) or `next` (the true next token's)
+                ):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.prompt = widgets.Text(prompt, description="prompt", continuous_update=False, layout=dict(width="600px"))
