@@ -16,13 +16,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, compose_config, get_device, hydra_main, resolve_root, seed_everything, validate_config
-from .dataloader import DatasetConfig, dataloaders_from_config, find_manifest
+from .dataloader import DatasetConfig, dataloaders_from_config
 from .inference_utils import generate_text, vocab_guard
 from .logit_processors import processors_from_config
 from .tokenizer import Tokenizer, build_tokenizer
 from .optimiser import OptimiserConfig
 from .trainer import NonFiniteLossError, Trainer, TrainerConfig
-from .checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_weights, make_run_dir
+from .checkpoint import (CheckpointError, _candidates, _first_good, find_checkpoint, list_checkpoints, load_weights,
+                                       make_run_dir, verify_checkpoint)
 from .transformer import ModelConfig, Transformer, model_config, model_preset
 from .utils import DirLock, atomic_write, run_cli
 
@@ -63,15 +64,11 @@ def check_compatible(
     cfg: DictConfig,  # a validated `pretrain` config
     tokenizer: Tokenizer,  # its tokenizer
 ):
-    "Raise `ConfigError` if the model, the tokenizer and the data do not fit together."
+    "Raise `ConfigError` if the model does not fit the tokenizer and the data's windows."
     V, m = tokenizer.vocab_size, cfg.model
     if m.vocab_size < V: raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary ({V}): set model.vocab_size={V}.")
     if cfg.dataset.max_length > m.context_length:
         raise ConfigError(f"dataset.max_length={cfg.dataset.max_length} exceeds model.context_length={m.context_length}.")
-    man = (find_manifest(cfg.dataset.train) or (None,))[0] if cfg.dataset.train else None
-    if man and (man.get("tokenizer"), man.get("vocab_size")) != (tokenizer.name, V):
-        raise ConfigError(f"The data in {cfg.dataset.train} was tokenized with {man.get('tokenizer')} (vocab {man.get('vocab_size')}), "
-                          f"but the tokenizer is {tokenizer.name} (vocab {V}): use the same tokenizer, or run lp_preprocess again.")
 
 # %% ../nbs/08_cli.ipynb #ee8eeeb6
 def latest_run(
@@ -167,7 +164,8 @@ def pretrain(
     trainer = prepare_run(cfg, overrides)
     run_dir, resumed = trainer.run_dir, getattr(trainer, "resumed_from", None)
     print(f"Resuming {run_dir} from step {trainer.step} ({resumed.name})." if resumed else f"Run directory: {run_dir}")
-    print(f"Model: {trainer.model.num_params():,} parameters; {trainer.total_steps} optimiser steps on {trainer.device} in {trainer.precision}.")
+    budget = f" (or {trainer.cfg.max_time:g} s of training, whichever ends first)" if trainer.cfg.max_time else ""
+    print(f"Model: {trainer.model.num_params():,} parameters; {trainer.total_steps} optimiser steps{budget} on {trainer.device} in {trainer.precision}.")
     with trainer.run_lock:
         try: trainer.fit()
         except BaseException:
@@ -176,7 +174,8 @@ def pretrain(
                 print(f"No checkpoint was written: removed the new run directory {run_dir}.", file=sys.stderr)
             raise
     ev = getattr(trainer, "last_eval", None)
-    print(f"Done: step {trainer.step}" + (f", validation loss {ev['val_loss']:.4f}" if ev else "") + f". Run directory: {run_dir}")
+    bpb = f" ({ev['val_bpb']:.4f} bits per byte)" if ev and ev.get("val_bpb") is not None else ""
+    print(f"Done: step {trainer.step}" + (f", validation loss {ev['val_loss']:.4f}{bpb}" if ev else "") + f". Run directory: {run_dir}")
     if (run_dir/"loss.png").exists(): print(f"Loss plot: {run_dir/'loss.png'}")
     print(f"Sample from it: lp_sample checkpoint={run_dir} prompt=\"...\"   (or checkpoint=latest)")
     return trainer
@@ -189,18 +188,26 @@ def pretrain_main(cfg: DictConfig):
     run_cli("lp_pretrain", pretrain, cfg, list(HydraConfig.get().overrides.task),
             interrupted="The checkpoints written so far are kept: continue with lp_pretrain resume=latest.")
 
+# %% ../nbs/08_cli.ipynb #5b0a0023
+INFERENCE_FILES = ("model.safetensors",)  # what `load_model` reads from a checkpoint (and its config.yaml, when listed)
+
+def _load_one(ckpt: Path) -> tuple[Transformer, DictConfig]:
+    "The model and config of the checkpoint `ckpt`, verifying only what inference reads; damage raises `CorruptCheckpointError`."
+    verify_checkpoint(ckpt, need=INFERENCE_FILES)
+    f = next((p for p in (ckpt/"config.yaml", ckpt.parent.parent/"config.yaml") if p.is_file()), None)
+    if f is None: raise CheckpointError(f"No config.yaml in {ckpt} or its run directory.")
+    cfg = OmegaConf.load(f)
+    return load_weights(Transformer(cfg.model), ckpt), cfg
+
 # %% ../nbs/08_cli.ipynb #6cc34d28
 def load_model(
     path: str | Path,  # a run directory (its latest checkpoint), a checkpoint folder, or `"latest"` (see `latest_run`)
     device: str = "auto",  # auto, cpu, cuda, cuda:N or mps
 ) -> tuple[Transformer, Tokenizer, DictConfig]:  # the model (in eval mode), its tokenizer, the run's config
-    "Load a trained model, its tokenizer and its config from a run directory or checkpoint."
-    ckpt = find_checkpoint(latest_run() if str(path) == "latest" else path)
-    f = next((p for p in (ckpt/"config.yaml", ckpt.parent.parent/"config.yaml") if p.is_file()), None)
-    if f is None: raise CheckpointError(f"No config.yaml in {ckpt} or its run directory.")
-    cfg = OmegaConf.load(f)
-    model = load_weights(Transformer(cfg.model), ckpt).to(get_device(device)).eval()
-    return model, build_tokenizer(cfg.tokenizer), cfg
+    "Load a trained model, its tokenizer and its config from a run directory or checkpoint (the newest good one, with a warning)."
+    src = latest_run() if str(path) == "latest" else Path(path)
+    model, cfg = _first_good(_candidates(src, fallback=True), _load_one, fallback=True)
+    return model.to(get_device(device)).eval(), build_tokenizer(cfg.tokenizer), cfg
 
 # %% ../nbs/08_cli.ipynb #57089d18
 @dataclass

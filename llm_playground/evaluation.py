@@ -147,13 +147,6 @@ def _read_text(path: str) -> str:
     if not text.strip(): raise DataError(f"{p} is empty: there is nothing to measure.")
     return text
 
-# %% ../nbs/09_eval.ipynb #78f76d3f
-def _token_bytes(path: str) -> int | None:
-    "The UTF-8 bytes that the tokens at `path` encode, from the manifest `lp_preprocess` wrote (None where it is not recorded)."
-    from llm_playground import dataloader
-    fn = getattr(dataloader, "split_bytes", None)   # recorded by lp_preprocess since the bits-per-byte change
-    return fn(path) if fn else None
-
 # %% ../nbs/09_eval.ipynb #5eee26e3
 def evaluate(
     cfg: DictConfig | dict,  # an `eval` config (see `EvalConfig`)
@@ -161,7 +154,7 @@ def evaluate(
 ) -> dict:  # the results (see `summarise_nll`), with `checkpoint` and `source`
     "Measure the model of `cfg.checkpoint` on `cfg.text` (or `cfg.tokens`): print the results, and write them to `cfg.out`."
     from llm_playground.cli import latest_run, load_model
-    from llm_playground.dataloader import load_tokens
+    from llm_playground.dataloader import check_tokens, load_tokens, split_bytes
     c = validate_config(cfg, EvalConfig, where="")
     if (c.text is None) == (c.tokens is None): raise ConfigError("Say what to measure: text=<file.txt> or tokens=<dir of .bin shards> (one of them).")
     out = out or sys.stdout
@@ -171,9 +164,10 @@ def evaluate(
     kw = dict(stride=c.stride, batch_size=c.batch_size, progress=c.progress and sys.stderr.isatty())
     if text is not None: res = evaluate_text(model, tokenizer, text, **kw)
     else:
+        check_tokens(c.tokens, tokenizer, "data")   # made by this model's tokenizer (its fingerprint), ids in range
         ids = np.asarray(load_tokens(c.tokens)[:])
         if len(ids) < 2: raise DataError(f"{c.tokens} holds {len(ids)} token(s): too few to measure, give at least 2.")
-        res = evaluate_tokens(model, ids, _token_bytes(c.tokens), eot_token=tokenizer.eot_token, **kw)
+        res = evaluate_tokens(model, ids, split_bytes(c.tokens), eot_token=tokenizer.eot_token, **kw)
     res = dict(res, checkpoint=str(ckpt), source=str(Path(c.text or c.tokens).resolve()))
     bpb = f", {res['bpb']:.4f} bits per byte" if res["bpb"] is not None else " (bits per byte: the data's byte count is not recorded)"
     print(f"{res['source']}: {res['tokens']:,} tokens: loss {res['loss']:.4f} nats/token, perplexity {res['ppl']:.2f}{bpb}", file=out)

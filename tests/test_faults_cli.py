@@ -65,8 +65,14 @@ def test_output_dir_under_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("bad, says", [("optimiser.lr=nan", "Config key 'optimiser.lr' must be a finite number, got nan."),
-                                       ("optimiser.weight_decay=inf", "'optimiser.weight_decay' must be a finite number, got inf")])
-def test_non_finite_setting_named_by_key(tmp_path, bad, says):
+                                       ("optimiser.weight_decay=inf", "'optimiser.weight_decay' must be a finite number, got inf"),
+                                       ("optimiser.lr=-1", "Config key 'optimiser.lr' must be > 0, got -1.0."),
+                                       ("optimiser.betas=[2,0.9]", "'optimiser.betas' must be in [0, 1), got [2.0, 0.9]"),
+                                       ("trainer.grad_accum_steps=0", "'trainer.grad_accum_steps' must be >= 1, got 0"),
+                                       ("trainer.max_steps=-3", "'trainer.max_steps' must be >= 1, got -3"),
+                                       ("trainer.max_time=0", "'trainer.max_time' must be > 0, got 0.0"),
+                                       ("trainer.sampling.top_p=0", "'trainer.sampling.top_p' must be in (0, 1], got 0.0")])
+def test_bad_number_named_by_key(tmp_path, bad, says):
     r = pretrain(tmp_path/"models", bad)
     assert r.returncode == 2
     assert says in one_error_line(r)
@@ -137,3 +143,23 @@ def test_one_writer_per_run(small_run):
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if l.strip() and json.loads(l)["split"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     for c in list_checkpoints(small_run): verify_checkpoint(c)
+
+
+def test_sample_from_a_damaged_run(small_run, tmp_path):
+    "lp_sample reads only the weights: damaged optimiser state is ignored, damaged weights fall back to the checkpoint before."
+    import shutil
+    run_dir = tmp_path/"run"; shutil.copytree(small_run, run_dir)
+    newest = list_checkpoints(run_dir)[-1]
+    args = ("sample", f"checkpoint={run_dir}", "prompt=It is", "max_new_tokens=5", "temperature=0", "device=cpu")
+    with open(newest/"optimizer.pt", "r+b") as f: f.write(b"garbage")
+    r = run(*args)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    with open(newest/"model.safetensors", "r+b") as f: f.seek(200); f.write(b"\xff" * 16)
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("It is")
+    warning = r.stderr.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning:") and f"Using {list_checkpoints(run_dir)[-2]}" in warning[0], r.stderr
+    for c in list_checkpoints(run_dir)[:-1]: shutil.rmtree(c)
+    r = run(*args)
+    assert r.returncode == 1 and "No good checkpoint to fall back to" in one_error_line(r, "lp_sample")

@@ -40,6 +40,7 @@ def test_wheel_ships_yaml_configs(wheel):
     assert "llm_playground/configs/preprocess.yaml" in yamls and "llm_playground/configs/tokenizer/gpt2.yaml" in yamls
     missing = [y for y in yamls if y not in names]
     assert not missing, f"YAML configs left out of the wheel: {missing}"
+    assert "llm_playground/data/tinyshakespeare.txt" in names   # the packaged corpus
 
 
 PROBE = """
