@@ -6,7 +6,7 @@
 __all__ = ['MetricsCB', 'EvalCB', 'SampleCB', 'ProgressCB', 'plot_metrics', 'PlotCB']
 
 # %% ../nbs/07c_callbacks.ipynb #dd28c609
-import json, sys, time
+import io, json, sys, time
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from .config import validate_config
 from .inference_utils import generate_text
-from .trainer import Callback, SamplingConfig, TrainerConfig, _fork_rng, read_metrics
+from .trainer import Callback, SamplingConfig, TrainerConfig, _append_line, _fork_rng, read_metrics
+from .utils import atomic_write
 
 # %% ../nbs/07c_callbacks.ipynb #506c8604
 class MetricsCB(Callback):
@@ -69,8 +70,7 @@ class SampleCB(Callback):
         for p, s in zip(self.cfg.prompts, texts):
             if self.cfg.show: _write(f"[step {t.step}] {p!r} -> {p + s!r}")
             if self.cfg.save and t.run_dir is not None:
-                with open(t.run_dir/"samples.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(dict(step=t.step, epoch=t.epoch, prompt=p, sample=s)) + "\n")
+                _append_line(t.run_dir/"samples.jsonl", json.dumps(dict(step=t.step, epoch=t.epoch, prompt=p, sample=s)))  # whole rows only
     def after_step(self, t):
         if self.cfg.every_n_steps and t.step % self.cfg.every_n_steps == 0: self._run(t)
     def after_epoch(self, t):
@@ -146,7 +146,8 @@ def plot_metrics(
         axb.plot([r["step"] for r in bpb], [r["val_bpb"] for r in bpb], "o-", color="C1")
         axb.set_xlabel("step"); axb.set_ylabel("validation bits per byte")
     fig.tight_layout()
-    if path is not None: fig.savefig(path, dpi=80)
+    if path is not None:  # rendered in memory, then written atomically: a full disk never leaves a broken loss.png
+        buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=80); atomic_write(path, buf.getvalue())
     return fig
 
 # %% ../nbs/07c_callbacks.ipynb #998ff86d

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, hydra_main, validate_config
 from .tokenizer import ENDOFTEXT
-from .utils import UserError, atomic_write, file_sha256, run_cli, temp_path_for
+from .utils import UserError, atomic_write, describe_os_error, file_sha256, run_cli, temp_path_for
 
 # %% ../nbs/02a_corpus.ipynb #0735b6ea
 @dataclass
@@ -132,7 +132,8 @@ def download_text(
                               "check corpus.url and corpus.sha256.")
         os.replace(tmp, dest); done = True
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise CorpusError(f"Could not download {url}: {getattr(e, 'reason', e)}. Nothing was written.") from None
+        why = e.reason if isinstance(e, urllib.error.URLError) else describe_os_error(e) if isinstance(e, OSError) else e
+        raise CorpusError(f"Could not {'copy' if url.startswith('file:') else 'download'} {url} to {dest}: {why}. Nothing was written.") from None
     finally:
         tmp.unlink(missing_ok=True)
         if not done: _remove_empty(made)

@@ -119,8 +119,9 @@ def run_cli(
     except ConfigError as e: _fail(prog, e, 2)
     except UserError as e: _fail(prog, e, 1)
     except OSError as e: _fail(prog, describe_os_error(e), 1)
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted." + (f" {interrupted}" if interrupted else ""), file=sys.stderr)
+    except KeyboardInterrupt as e:  # a message of its own (e.g. "nothing was saved yet") replaces `interrupted`
+        msg = str(e) or interrupted
+        print(f"\n{prog}: interrupted." + (f" {msg}" if msg else ""), file=sys.stderr)
         sys.exit(130)
 
 # %% ../nbs/00a_utils.ipynb #3e0f0006

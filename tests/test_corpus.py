@@ -109,7 +109,7 @@ def test_download_never_replaces_a_different_local_file(runs):
 
 def test_download_unreachable(runs):
     tmp, _, res = runs
-    failed_cleanly(res["missing"], "Could not download", "nope.txt")
+    failed_cleanly(res["missing"], "Could not copy", "nope.txt")
     assert not (tmp/"missing").exists()
 
 
