@@ -175,21 +175,23 @@ def main(argv=None):
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
           f"{torch.get_num_threads()} threads")
     bw, bw_copy = bandwidth_gbs(device)
-    print(f"# memory bandwidth: read {bw:.1f} GB/s, copy {bw_copy:.1f} GB/s (read + write); limits below use read")
+    print(f"# memory bandwidth: read {bw:.1f} GB/s, copy {bw_copy:.1f} GB/s (read + write); limits below use the best "
+          f"read bandwidth of this measurement and the ones between batch sizes (others' load lowers it)")
     base, ours, hfs = build_models(device, a.seed, not a.no_hf, a.configs)
     fp32_bytes = step_bytes(base)
     results = dict(device=str(device), threads=torch.get_num_threads(), bandwidth_read_gbs=bw, bandwidth_copy_gbs=bw_copy,
                    repeat=a.repeat, runs=[], agreement={})
     for name, m in ours.items():
         sb = step_bytes(m)
-        print(f"# ours {name:7}: a step reads {sb / 2**20:5.0f} MiB -> limit {bw * 1e9 / sb:6.1f} steps/s")
+        print(f"# ours {name:10}: a step reads {sb / 2**20:5.0f} MiB -> limit {bw * 1e9 / sb:6.1f} steps/s at {bw:.1f} GB/s")
         results[f"step_bytes_{name}"] = sb
     g = torch.Generator().manual_seed(a.seed)
 
-    hdr = (f"{'impl':<12} {'batch':>5} {'new':>4} {'tok/s':>8} {'min-max tok/s':>15} {'limit':>7} {'of limit':>8} "
+    hdr = (f"{'impl':<15} {'batch':>5} {'new':>4} {'tok/s':>8} {'min-max tok/s':>15} {'limit':>7} {'of limit':>8} "
            f"{'vs HF fp32':>10} {'vs HF same':>10}  tokens")
     print(hdr); print("-" * len(hdr))
     for B in a.batch_sizes:
+        bw = max(bw, bandwidth_gbs(device)[0]); results["bandwidth_read_gbs"] = bw
         prompts = torch.randint(0, 50257, (B, a.prompt_len), generator=g).to(device)
         fns = {f"ours {k}": ours_fn(m, prompts, a.new_tokens, plain=k == "fp32-plain") for k, m in ours.items()}
         fns |= {f"HF {k}": hf_fn(m, prompts, a.new_tokens) for k, m in hfs.items()}
@@ -207,7 +209,7 @@ def main(argv=None):
             same_fmt = f"HF {fmt if fmt in hfs else 'fp32'}"   # int8 against HF fp32: HF has no int8 of its own here
             vs_same = med[k] / med[same_fmt] if same_fmt in med else float("nan")
             same = same_tokens(outs[k], ref)
-            print(f"{k:<12} {B:5d} {a.new_tokens:4d} {med[k]:8.1f} {min(tps[k]):7.1f}-{max(tps[k]):<7.1f} {limit:7.1f} "
+            print(f"{k:<15} {B:5d} {a.new_tokens:4d} {med[k]:8.1f} {min(tps[k]):7.1f}-{max(tps[k]):<7.1f} {limit:7.1f} "
                   f"{med[k] / limit:8.0%} {vs_fp32:9.2f}x {vs_same:9.2f}x  {same}/{B * a.new_tokens} as "
                   f"{'HF fp32' if 'HF fp32' in outs else 'ours fp32'}", flush=True)
             results["runs"].append(dict(impl=k, batch=B, new_tokens=a.new_tokens, tokens_per_s=med[k],

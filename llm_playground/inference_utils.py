@@ -150,11 +150,12 @@ def _share_swapping(m: nn.Module, swap: Callable) -> nn.Module:
     return c
 
 # %% ../nbs/06b_inference.ipynb #8a1e5c02
-def _decode_model(model: Transformer) -> Transformer:
-    "`model` with its `nn.Linear` layers stored `[in, out]` where that is faster (CPU fp32 without autocast), else `model`."
-    p = model.tok_emb.weight
-    if p.device.type != "cpu" or p.dtype != torch.float32 or torch.is_autocast_enabled("cpu"): return model
-    return _share_swapping(model, lambda m: _ColumnLinear(m) if type(m) is nn.Linear else None)
+def _decode_model(model: Transformer, batch_size: int = 1) -> Transformer:
+    "`model` with its head stored `[in, out]` where that is faster (CPU fp32, no autocast, one sequence), else `model`."
+    w = model.head.weight if type(model.head) is nn.Linear else None
+    if (w is None or w.device.type != "cpu" or w.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or batch_size != 1): return model
+    return _share_swapping(model, lambda m: _ColumnLinear(m) if m is model.head else None)
 
 # %% ../nbs/06b_inference.ipynb #e4f0fc37
 def _decode_buffers(prompts, max_new_tokens, eos_token_id, device):
@@ -190,7 +191,7 @@ def _decode_steps(model, prompts, max_new_tokens, eos_token_id=None, use_cache=T
         alive = torch.ones(B, dtype=torch.bool, device=dev)
         fits = min(C, W - 1) >= L  # the cache helps only if the prompt fits in the context
         cache = model.new_kv_cache(B, max_length=min(C, W - 1), device=dev) if use_cache and fits else None
-        fast = _decode_model(model)   # the same model, its matmuls sent where they run fastest
+        fast = _decode_model(model, B)   # the same model, its head laid out for the fastest matmul
     for t in range(max_new_tokens):
         cur = L + t  # columns filled so far
         with _inference(model):

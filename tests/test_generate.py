@@ -422,7 +422,9 @@ def test_decode_model_shares_weights_and_leaves_model_alone(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = _decode_model(model)
     assert fast is not model and fast.tok_emb.weight is model.tok_emb.weight and fast.cfg is model.cfg
+    assert fast.blocks[0].mlp.fc.weight is model.blocks[0].mlp.fc.weight and type(fast.head) is not nn.Linear
     assert all(type(m) is nn.Linear for m in model.modules() if "Linear" in type(m).__name__)   # the model's own layers
+    assert _decode_model(model, batch_size=2) is model
     model.generate([[1, 2, 3]], 5, temperature=0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with torch.no_grad():
