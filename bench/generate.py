@@ -12,10 +12,12 @@ Measures, in one run:
   * whether our fp32 tokens equal transformers' fp32 tokens, and how many tokens the other formats share with them;
   * top-1 agreement of bf16 and int8 with fp32 under teacher forcing on real text (the repo's fixture chapter, GPT-2
     BPE): the random weights make this a lower bound (their logits are nearly flat, so near-ties flip easily);
-  * the KV-cache speed-up (fp32, batch 1), unless --quick.
+  * the KV-cache speed-up (fp32, batch 1), unless --quick;
+  * with --threads 1 2, every implementation at each thread count, in the same rounds;
+  * with --profile, where a decode step spends its time (torch.profiler), ours in each format and transformers fp32.
 
-usage: python bench/generate.py [--quick] [--threads N] [--device auto] [--configs fp32 bf16 int8 int8dyn] [--batch-sizes 1 8]
-       [--repeat 5] [--new-tokens 64] [--profile] [--json out.json]
+usage: python bench/generate.py [--quick] [--threads 1 2] [--device auto] [--configs fp32 bf16 int8 int8dyn]
+       [--batch-sizes 1 8] [--repeat 5] [--new-tokens 32] [--profile] [--json out.json]
 """
 import argparse, copy, json, platform, statistics, sys, time, warnings
 from unittest import mock
@@ -124,6 +126,14 @@ def hf_fn(hf, prompts, n):
                                use_cache=True)[:, prompts.shape[1]:].tolist()
 
 
+def with_threads(f, n):
+    "`f` run with `n` torch threads (set before each call, so implementations can take turns with different settings)."
+    def g():
+        torch.set_num_threads(n)
+        return f()
+    return g
+
+
 def rounds(fns, device, repeat):
     "Time each of `fns` (name -> function) `repeat` times, taking turns; return outputs and the list of times of each."
     outs, secs = {}, {k: [] for k in fns}
@@ -151,11 +161,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke test: 8 new tokens, batch 1, one round, fp32 and int8")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, help="our weight formats to measure")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="torch CPU threads; several values are all measured in the same rounds (default: torch's choice)")
+    ap.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "fp32-plain"], choices=CONFIGS,
+                    help="our weight formats to measure")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--long-new-tokens", type=int, default=256, help="new tokens for the cache speed-up measurement (0: skip)")
     ap.add_argument("--repeat", type=int, default=5, help="rounds: every configuration is timed once per round, in turns")
     ap.add_argument("--agree-tokens", type=int, default=512, help="tokens of real text for the top-1 agreement (0: skip)")
@@ -168,12 +180,13 @@ def main(argv=None):
         a.new_tokens, a.long_new_tokens, a.repeat, a.agree_tokens, a.batch_sizes = 8, 0, 1, 128, [1]
         a.configs = [c for c in a.configs if c in ("fp32", "int8")] or ["fp32"]
     t0 = time.perf_counter()
-    if a.threads: torch.set_num_threads(a.threads)
+    threads = a.threads or [torch.get_num_threads()]
+    torch.set_num_threads(max(threads))
     device = get_device(a.device)
     warnings.simplefilter("ignore", UserWarning)
 
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
-          f"{torch.get_num_threads()} threads")
+          f"threads {threads}, load average {' '.join(Path('/proc/loadavg').read_text().split()[:3]) if Path('/proc/loadavg').exists() else '?'}")
     bw, bw_copy = bandwidth_gbs(device)
     print(f"# memory bandwidth: read {bw:.1f} GB/s, copy {bw_copy:.1f} GB/s (read + write); limits below use the best "
           f"read bandwidth of this measurement and the ones between batch sizes (others' load lowers it)")
@@ -187,38 +200,46 @@ def main(argv=None):
         results[f"step_bytes_{name}"] = sb
     g = torch.Generator().manual_seed(a.seed)
 
-    hdr = (f"{'impl':<15} {'batch':>5} {'new':>4} {'tok/s':>8} {'min-max tok/s':>15} {'limit':>7} {'of limit':>8} "
+    hdr = (f"{'impl':<18} {'batch':>5} {'new':>4} {'tok/s':>8} {'min-max tok/s':>15} {'limit':>7} {'of limit':>8} "
            f"{'vs HF fp32':>10} {'vs HF same':>10}  tokens")
     print(hdr); print("-" * len(hdr))
     for B in a.batch_sizes:
         bw = max(bw, bandwidth_gbs(device)[0]); results["bandwidth_read_gbs"] = bw
         prompts = torch.randint(0, 50257, (B, a.prompt_len), generator=g).to(device)
-        fns = {f"ours {k}": ours_fn(m, prompts, a.new_tokens, plain=k == "fp32-plain") for k, m in ours.items()}
-        fns |= {f"HF {k}": hf_fn(m, prompts, a.new_tokens) for k, m in hfs.items()}
-        rounds({k: (ours_fn(ours[k[5:]], prompts, 2, plain=k == "ours fp32-plain") if k.startswith("ours") else hf_fn(hfs[k[3:]], prompts, 2))
-                for k in fns}, device, 1)                                          # warm-up
+        def make(n):   # name -> function, for each implementation and thread count
+            f = {f"ours {k}": ours_fn(m, prompts, n, plain=k == "fp32-plain") for k, m in ours.items()}
+            f |= {f"HF {k}": hf_fn(m, prompts, n) for k, m in hfs.items()}
+            return {f"{k}@{th}" if len(threads) > 1 else k: with_threads(fn, th) for th in threads for k, fn in f.items()}
+        rounds(make(2), device, 1)                                                 # warm-up
+        fns = make(a.new_tokens)
         outs, secs = rounds(fns, device, a.repeat)
         tps = {k: [B * a.new_tokens / s for s in v] for k, v in secs.items()}
         med = {k: statistics.median(v) for k, v in tps.items()}
-        ref = outs.get("HF fp32", outs.get("ours fp32"))
+        first = lambda name: next((v for j, v in outs.items() if j.split("@")[0] == name), None)
+        ref = first("HF fp32") or first("ours fp32")
         for k in fns:
             kind, fmt = k.split()
+            fmt, at = (fmt.split("@") + [""])[:2]
+            at = f"@{at}" if at else ""
             sb = step_bytes(ours[fmt]) if kind == "ours" else fp32_bytes // (1 if fmt == "fp32" else 2)
             limit = B * bw * 1e9 / sb
-            vs_fp32 = med[k] / med["HF fp32"] if "HF fp32" in med else float("nan")
+            hf32 = max((v for j, v in med.items() if j.startswith("HF fp32")), default=float("nan"))   # HF's best thread setting
+            vs_fp32 = med[k] / hf32
             same_fmt = f"HF {fmt if fmt in hfs else 'fp32'}"   # int8 against HF fp32: HF has no int8 of its own here
+            same_fmt = max((j for j in med if j.split("@")[0] == same_fmt), key=med.get, default=same_fmt)
             vs_same = med[k] / med[same_fmt] if same_fmt in med else float("nan")
             same = same_tokens(outs[k], ref)
-            print(f"{k:<15} {B:5d} {a.new_tokens:4d} {med[k]:8.1f} {min(tps[k]):7.1f}-{max(tps[k]):<7.1f} {limit:7.1f} "
+            fmt_key = fmt
+            print(f"{k:<18} {B:5d} {a.new_tokens:4d} {med[k]:8.1f} {min(tps[k]):7.1f}-{max(tps[k]):<7.1f} {limit:7.1f} "
                   f"{med[k] / limit:8.0%} {vs_fp32:9.2f}x {vs_same:9.2f}x  {same}/{B * a.new_tokens} as "
-                  f"{'HF fp32' if 'HF fp32' in outs else 'ours fp32'}", flush=True)
+                  f"{'HF fp32' if first('HF fp32') is not None else 'ours fp32'}", flush=True)
             results["runs"].append(dict(impl=k, batch=B, new_tokens=a.new_tokens, tokens_per_s=med[k],
                                         tokens_per_s_all=tps[k], limit_tokens_per_s=limit, vs_hf_fp32=vs_fp32,
                                         vs_hf_same_dtype=vs_same, same_tokens_as_ref=same))
-        if "HF fp32" in outs and "ours fp32" in outs:
-            print(f"# batch {B}: ours fp32 greedy tokens {'==' if outs['ours fp32'] == outs['HF fp32'] else '!='} "
-                  f"transformers fp32 greedy tokens")
-            results[f"fp32_tokens_equal_hf_batch{B}"] = outs["ours fp32"] == outs["HF fp32"]
+        if first("HF fp32") is not None and first("ours fp32") is not None:
+            eq = all(v == first("HF fp32") for j, v in outs.items() if j.split("@")[0] == "ours fp32")
+            print(f"# batch {B}: ours fp32 greedy tokens {'==' if eq else '!='} transformers fp32 greedy tokens")
+            results[f"fp32_tokens_equal_hf_batch{B}"] = eq
 
     if a.agree_tokens and "fp32" in ours:
         from llm_playground.tokenizer import GPT2Tokenizer
