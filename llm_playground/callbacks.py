@@ -6,7 +6,7 @@
 __all__ = ['MetricsCB', 'EvalCB', 'SampleCB', 'ProgressCB', 'plot_metrics', 'PlotCB']
 
 # %% ../nbs/07c_callbacks.ipynb #dd28c609
-import json, time
+import json, sys, time
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +34,7 @@ class MetricsCB(Callback):
 
 # %% ../nbs/07c_callbacks.ipynb #69c388c9
 class EvalCB(Callback):
-    "Evaluate every `eval_steps` steps and at the end of each epoch, logging validation loss and perplexity."
+    "Evaluate every `eval_steps` steps and at the end of each epoch, logging validation loss, perplexity (and bits per byte)."
     order = 20
     def __init__(self, eval_steps: int = TrainerConfig.eval_steps): self.eval_steps = eval_steps  # steps between evaluations (0: per epoch only)
     def before_fit(self, t): t.last_eval = getattr(t, "last_eval", None)
@@ -76,20 +76,46 @@ class SampleCB(Callback):
     def after_epoch(self, t):
         if self.cfg.every_epoch: self._run(t)
 
+# %% ../nbs/07c_callbacks.ipynb #5c0d0005
+def _valid_line(r: dict) -> str:
+    "One line for a validation row: loss, perplexity, and bits per byte when known."
+    return f"step {r['step']}: val_loss {r['val_loss']:.4f}, val_ppl {r['val_ppl']:.2f}" + (f", val_bpb {r['val_bpb']:.4f}" if r.get("val_bpb") is not None else "")
+
+# %% ../nbs/07c_callbacks.ipynb #5c0d0001
+def _interactive() -> bool:
+    "Is the progress shown to a person: stderr is a terminal, or `tqdm.auto` chose its notebook widget?"
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty()) or any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+
 # %% ../nbs/07c_callbacks.ipynb #baaf4c06
 class ProgressCB(Callback):
-    "A progress bar over the optimiser steps, showing the loss; evaluation results printed above it."
+    "A progress bar over the optimiser steps, showing the loss; evaluation results printed above it; plain lines in a log."
     order = 50
-    def __init__(self, refresh_steps: int = 1): self.refresh_steps = refresh_steps  # steps between postfix updates
+    def __init__(self,
+                 refresh_steps: int = 1,  # steps between postfix updates of the bar
+                 plain: bool | None = None,  # one line per logged step instead of a bar (None: when output is not a terminal or notebook)
+                ): self.refresh_steps, self.plain = refresh_steps, plain
     def before_fit(self, t):
-        self.bar, self._seen = tqdm(total=t.total_steps, initial=t.step, unit="step", dynamic_ncols=True, leave=True), len(t.history)
+        plain = not _interactive() if self.plain is None else self.plain
+        self.bar = None if plain else tqdm(total=t.total_steps, initial=t.step, unit="step", dynamic_ncols=True, leave=True)
+        self._seen, self._t0, self._step0 = len(t.history), time.perf_counter(), t.step
     def after_step(self, t):
-        self.bar.update(t.step - self.bar.n)
-        if t.step % self.refresh_steps == 0: self.bar.set_postfix(loss=f"{t.loss.item():.4f}", lr=f"{t.opt.param_groups[0]['lr']:.2e}", refresh=False)
+        if self.bar is not None:
+            self.bar.update(t.step - self.bar.n)
+            if t.step % self.refresh_steps == 0: self.bar.set_postfix(loss=f"{t.loss.item():.4f}", lr=f"{t.opt.param_groups[0]['lr']:.2e}", refresh=False)
         for r in t.history[self._seen:]:
-            if r.get("split") == "valid": self.bar.write(f"step {r['step']}: val_loss {r['val_loss']:.4f}, val_ppl {r['val_ppl']:.2f}")
+            if r.get("split") == "valid": tqdm.write(_valid_line(r))
+            elif self.bar is None and r.get("split") == "train": tqdm.write(self._line(t, r))
         self._seen = len(t.history)
-    def cleanup_fit(self, t): self.bar.close()
+    def _line(self, t, r) -> str:
+        "One plain progress line for the logged row `r`."
+        done = t.step - self._step0
+        left = (time.perf_counter() - self._t0) / done * (t.total_steps - t.step) if done else 0.0
+        if t.cfg.max_time: left = min(left, max(0.0, t.cfg.max_time - t.train_time)) if done else t.cfg.max_time - t.train_time
+        return (f"step {r['step']}/{t.total_steps}: loss {r['loss']:.4f}, lr {r['lr']:.2e}, "
+                f"{r.get('tokens_per_s', 0):,.0f} tok/s, {left // 60:.0f}m{left % 60:02.0f}s left")
+    def cleanup_fit(self, t):
+        if self.bar is not None: self.bar.close()
 
 # %% ../nbs/07c_callbacks.ipynb #53fd9aa5
 def plot_metrics(
@@ -97,21 +123,28 @@ def plot_metrics(
     path: str | Path | None = None,  # save the figure here (e.g. run_dir/loss.png)
     show: bool = True,  # keep the figure open (to display it in a notebook); False closes it
 ):
-    "Plot train/validation loss and the learning rate against the step."
+    "Plot train/validation loss and the learning rate against the step, and validation bits per byte when logged."
     rows = read_metrics(rows) if isinstance(rows, (str, Path)) else rows
     tr, va = [r for r in rows if r.get("split") == "train"], [r for r in rows if r.get("split") == "valid"]
+    bpb = [r for r in va if r.get("val_bpb") is not None]
+    size, n = ((9, 3), 2) if bpb else ((6, 3), 1)
     if show:
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig, axes = plt.subplots(1, n, figsize=size, squeeze=False)
     else:  # no pyplot: works without a display, and leaves no figure open
         from matplotlib.figure import Figure
-        fig = Figure(figsize=(6, 3)); ax = fig.subplots()
+        fig = Figure(figsize=size); axes = fig.subplots(1, n, squeeze=False)
+    ax = axes[0, 0]
     ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
     if va: ax.plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", label="validation loss")
     ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(loc="upper center")
     if tr:
         ax2 = ax.twinx(); ax2.plot([r["step"] for r in tr], [r["lr"] for r in tr], color="gray", ls=":", label="lr")
         ax2.set_ylabel("learning rate", color="gray"); ax2.tick_params(axis="y", colors="gray")
+    if bpb:
+        axb = axes[0, 1]
+        axb.plot([r["step"] for r in bpb], [r["val_bpb"] for r in bpb], "o-", color="C1")
+        axb.set_xlabel("step"); axb.set_ylabel("validation bits per byte")
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=80)
     return fig

@@ -7,23 +7,25 @@ __all__ = ['PretrainConfig', 'validate_pretrain_config', 'check_compatible', 'la
            'prepare_run', 'pretrain', 'pretrain_main', 'load_model', 'SampleConfig', 'sample', 'sample_main', 'main']
 
 # %% ../nbs/08_cli.ipynb #3102acee
-import json, sys
+import json, shutil, sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, ClassVar, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, compose_config, get_device, hydra_main, resolve_root, seed_everything, validate_config
-from .dataloader import DatasetConfig, dataloaders_from_config, find_manifest
+from .dataloader import DatasetConfig, dataloaders_from_config
 from .inference_utils import generate_text, vocab_guard
+from .logit_processors import processors_from_config
 from .tokenizer import Tokenizer, build_tokenizer
 from .optimiser import OptimiserConfig
 from .trainer import NonFiniteLossError, Trainer, TrainerConfig
-from .checkpoint import CheckpointError, find_checkpoint, load_weights, make_run_dir
+from .checkpoint import (CheckpointError, _candidates, _first_good, find_checkpoint, list_checkpoints, load_weights,
+                                       make_run_dir, verify_checkpoint)
 from .transformer import ModelConfig, Transformer, model_config, model_preset
-from .utils import atomic_write, run_cli
+from .utils import DirLock, atomic_write, run_cli
 
 # %% ../nbs/08_cli.ipynb #827a65b1
 def _default_model() -> ModelConfig:
@@ -62,15 +64,11 @@ def check_compatible(
     cfg: DictConfig,  # a validated `pretrain` config
     tokenizer: Tokenizer,  # its tokenizer
 ):
-    "Raise `ConfigError` if the model, the tokenizer and the data do not fit together."
+    "Raise `ConfigError` if the model does not fit the tokenizer and the data's windows."
     V, m = tokenizer.vocab_size, cfg.model
     if m.vocab_size < V: raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary ({V}): set model.vocab_size={V}.")
     if cfg.dataset.max_length > m.context_length:
         raise ConfigError(f"dataset.max_length={cfg.dataset.max_length} exceeds model.context_length={m.context_length}.")
-    man = (find_manifest(cfg.dataset.train) or (None,))[0] if cfg.dataset.train else None
-    if man and (man.get("tokenizer"), man.get("vocab_size")) != (tokenizer.name, V):
-        raise ConfigError(f"The data in {cfg.dataset.train} was tokenized with {man.get('tokenizer')} (vocab {man.get('vocab_size')}), "
-                          f"but the tokenizer is {tokenizer.name} (vocab {V}): use the same tokenizer, or run lp_preprocess again.")
 
 # %% ../nbs/08_cli.ipynb #ee8eeeb6
 def latest_run(
@@ -128,8 +126,8 @@ def resume_config(
 def prepare_run(
     cfg: DictConfig,  # a composed `pretrain` config (e.g. from `compose_config("pretrain", overrides)`)
     overrides: Sequence[str] = (),  # the overrides it was composed with (used when resuming)
-) -> Trainer:  # a trainer ready to `fit`, its run directory written (`config.yaml`) and its checkpoint loaded if resuming
-    "Everything `lp_pretrain` does before training: validate, seed, build the pieces, make (or reuse) the run directory."
+) -> Trainer:  # a trainer ready to `fit`: its run directory written (`config.yaml`) and locked (`trainer.run_lock`), its checkpoint loaded if resuming
+    "Everything `lp_pretrain` does before training: validate, seed, build the pieces, then make (or reuse) and lock the run directory."
     cfg = validate_pretrain_config(cfg)
     ckpt = None
     if cfg.resume: cfg, ckpt = resume_config(cfg, overrides)
@@ -137,14 +135,25 @@ def prepare_run(
     tokenizer = build_tokenizer(cfg.tokenizer)
     check_compatible(cfg, tokenizer)
     train_dl, valid_dl = dataloaders_from_config(cfg.dataset, tokenizer)
-    model = Transformer(cfg.model)
-    run_dir = ckpt.parent.parent if ckpt else make_run_dir(cfg.trainer.output_dir, cfg.trainer.experiment_name, cfg.trainer.seed)
-    snapshot = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "resume"})
-    atomic_write(run_dir/"config.yaml", OmegaConf.to_yaml(snapshot))
-    trainer = Trainer(model, train_dl, valid_dl, cfg.trainer, cfg.optimiser, tokenizer=tokenizer, run_dir=run_dir)
-    trainer.snapshot = snapshot
+    trainer = Trainer(Transformer(cfg.model), train_dl, valid_dl, cfg.trainer, cfg.optimiser, tokenizer=tokenizer)
+    trainer.snapshot = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "resume"})
+    trainer.run_dir, trainer.run_lock = _open_run_dir(cfg, ckpt, trainer.snapshot)  # every input checked: now write
     if ckpt is not None: trainer.load_checkpoint(ckpt)
     return trainer
+
+# %% ../nbs/08_cli.ipynb #5b0a0019
+def _open_run_dir(cfg: DictConfig, ckpt: Path | None, snapshot: DictConfig) -> tuple[Path, DirLock]:
+    "The run directory (a new one, or the resumed run's), locked, with `config.yaml` written; a new one is removed if that fails."
+    run_dir = ckpt.parent.parent if ckpt is not None else make_run_dir(cfg.trainer.output_dir, cfg.trainer.experiment_name, cfg.trainer.seed)
+    lock = DirLock(run_dir, "lp_pretrain")
+    try:
+        lock.acquire()
+        atomic_write(run_dir/"config.yaml", OmegaConf.to_yaml(snapshot))
+    except BaseException:
+        lock.release()
+        if ckpt is None: shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir, lock
 
 # %% ../nbs/08_cli.ipynb #5a0c0007
 def pretrain(
@@ -155,10 +164,18 @@ def pretrain(
     trainer = prepare_run(cfg, overrides)
     run_dir, resumed = trainer.run_dir, getattr(trainer, "resumed_from", None)
     print(f"Resuming {run_dir} from step {trainer.step} ({resumed.name})." if resumed else f"Run directory: {run_dir}")
-    print(f"Model: {trainer.model.num_params():,} parameters; {trainer.total_steps} optimiser steps on {trainer.device} in {trainer.precision}.")
-    trainer.fit()
+    budget = f" (or {trainer.cfg.max_time:g} s of training, whichever ends first)" if trainer.cfg.max_time else ""
+    print(f"Model: {trainer.model.num_params():,} parameters; {trainer.total_steps} optimiser steps{budget} on {trainer.device} in {trainer.precision}.")
+    with trainer.run_lock:
+        try: trainer.fit()
+        except BaseException:
+            if not resumed and not list_checkpoints(run_dir):  # nothing to resume: no stub left behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+                print(f"No checkpoint was written: removed the new run directory {run_dir}.", file=sys.stderr)
+            raise
     ev = getattr(trainer, "last_eval", None)
-    print(f"Done: step {trainer.step}" + (f", validation loss {ev['val_loss']:.4f}" if ev else "") + f". Run directory: {run_dir}")
+    bpb = f" ({ev['val_bpb']:.4f} bits per byte)" if ev and ev.get("val_bpb") is not None else ""
+    print(f"Done: step {trainer.step}" + (f", validation loss {ev['val_loss']:.4f}{bpb}" if ev else "") + f". Run directory: {run_dir}")
     if (run_dir/"loss.png").exists(): print(f"Loss plot: {run_dir/'loss.png'}")
     print(f"Sample from it: lp_sample checkpoint={run_dir} prompt=\"...\"   (or checkpoint=latest)")
     return trainer
@@ -171,18 +188,26 @@ def pretrain_main(cfg: DictConfig):
     run_cli("lp_pretrain", pretrain, cfg, list(HydraConfig.get().overrides.task),
             interrupted="The checkpoints written so far are kept: continue with lp_pretrain resume=latest.")
 
+# %% ../nbs/08_cli.ipynb #5b0a0023
+INFERENCE_FILES = ("model.safetensors",)  # what `load_model` reads from a checkpoint (and its config.yaml, when listed)
+
+def _load_one(ckpt: Path) -> tuple[Transformer, DictConfig]:
+    "The model and config of the checkpoint `ckpt`, verifying only what inference reads; damage raises `CorruptCheckpointError`."
+    verify_checkpoint(ckpt, need=INFERENCE_FILES)
+    f = next((p for p in (ckpt/"config.yaml", ckpt.parent.parent/"config.yaml") if p.is_file()), None)
+    if f is None: raise CheckpointError(f"No config.yaml in {ckpt} or its run directory.")
+    cfg = OmegaConf.load(f)
+    return load_weights(Transformer(cfg.model), ckpt), cfg
+
 # %% ../nbs/08_cli.ipynb #6cc34d28
 def load_model(
     path: str | Path,  # a run directory (its latest checkpoint), a checkpoint folder, or `"latest"` (see `latest_run`)
     device: str = "auto",  # auto, cpu, cuda, cuda:N or mps
 ) -> tuple[Transformer, Tokenizer, DictConfig]:  # the model (in eval mode), its tokenizer, the run's config
-    "Load a trained model, its tokenizer and its config from a run directory or checkpoint."
-    ckpt = find_checkpoint(latest_run() if str(path) == "latest" else path)
-    f = next((p for p in (ckpt/"config.yaml", ckpt.parent.parent/"config.yaml") if p.is_file()), None)
-    if f is None: raise CheckpointError(f"No config.yaml in {ckpt} or its run directory.")
-    cfg = OmegaConf.load(f)
-    model = load_weights(Transformer(cfg.model), ckpt).to(get_device(device)).eval()
-    return model, build_tokenizer(cfg.tokenizer), cfg
+    "Load a trained model, its tokenizer and its config from a run directory or checkpoint (the newest good one, with a warning)."
+    src = latest_run() if str(path) == "latest" else Path(path)
+    model, cfg = _first_good(_candidates(src, fallback=True), _load_one, fallback=True)
+    return model.to(get_device(device)).eval(), build_tokenizer(cfg.tokenizer), cfg
 
 # %% ../nbs/08_cli.ipynb #57089d18
 @dataclass
@@ -199,6 +224,7 @@ class SampleConfig:
     seed: Optional[int] = None  # seed of the sampling (None: random)
     stream: bool = True  # print tokens as they are generated
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    ranges: ClassVar[dict] = dict(max_new_tokens=">= 0", temperature=">= 0", top_k=">= 1", top_p="(0, 1]", repetition_penalty="> 0")
 
 # %% ../nbs/08_cli.ipynb #5a0c0010
 def _stream_one(model, tokenizer, prompt: str, c, out) -> str:
@@ -223,14 +249,22 @@ def _generate_one(model, tokenizer, prompt, c) -> str:
     return generate_text(model, tokenizer, prompt, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                          top_p=c.top_p, repetition_penalty=c.repetition_penalty, seed=c.seed)[0]
 
+# %% ../nbs/08_cli.ipynb #5b0a0021
+def _check_sample_config(c: DictConfig) -> DictConfig:
+    "Raise `ConfigError` for sampling options `generate` would refuse (beyond `SampleConfig.ranges`); return `c`."
+    if not c.checkpoint: raise ConfigError("Say which model to sample from: checkpoint=<run directory or checkpoint folder>.")
+    try: processors_from_config(c.temperature, c.top_k, c.top_p, c.repetition_penalty)
+    except ValueError as e: raise ConfigError(f"Invalid sampling option: {e}.") from None
+    if c.prompt is None and not c.prompts: raise ConfigError("No prompt: give prompt=\"...\" or prompts=[...].")
+    return c
+
 # %% ../nbs/08_cli.ipynb #5a0c0011
 def sample(
     cfg: DictConfig | dict,  # a `sample` config (see `SampleConfig`)
     out=None,  # where to print (default: stdout)
 ) -> list[str]:  # the continuation of each prompt
     "Generate from the prompts of `cfg` with the model it names, printing each prompt and its continuation."
-    c = validate_config(cfg, SampleConfig, where="")
-    if not c.checkpoint: raise ConfigError("Say which model to sample from: checkpoint=<run directory or checkpoint folder>.")
+    c = _check_sample_config(validate_config(cfg, SampleConfig, where=""))
     out = out or sys.stdout
     model, tokenizer, _ = load_model(c.checkpoint, c.device)
     if c.seed is None: c.seed = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -249,15 +283,19 @@ def sample_main(cfg: DictConfig):
     run_cli("lp_sample", sample, cfg)
 
 # %% ../nbs/08_cli.ipynb #ed1bf491
-_COMMANDS = dict(pretrain=pretrain_main, sample=sample_main)
+_COMMANDS = dict(corpus="llm_playground.corpus:corpus_main", preprocess="llm_playground.preprocess:main",
+                 pretrain="llm_playground.cli:pretrain_main", sample="llm_playground.cli:sample_main",
+                 eval="llm_playground.evaluation:eval_main")  # as in settings.ini
 
 def main(argv: Sequence[str] | None = None):
-    "`python -m llm_playground.cli {pretrain,sample} [overrides...]`."
+    "`python -m llm_playground.cli {corpus,preprocess,pretrain,sample} [overrides...]`: the console scripts, uninstalled."
+    import importlib
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in _COMMANDS:
         print(f"usage: python -m llm_playground.cli {{{','.join(_COMMANDS)}}} [key=value ...]", file=sys.stderr); sys.exit(2)
     sys.argv = [f"lp_{argv[1]}", *argv[2:]]
-    _COMMANDS[argv[1]]()
+    module, fn = _COMMANDS[argv[1]].split(":")
+    getattr(importlib.import_module(module), fn)()
 
 # %% ../nbs/08_cli.ipynb #29c0dbb9
 #| eval: false

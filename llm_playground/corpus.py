@@ -4,12 +4,13 @@
 
 # %% auto #0
 __all__ = ['CorpusConfig', 'reflow', 'python_docs_topics', 'write_python_docs', 'CorpusError', 'download_text',
-           'CorpusMainConfig', 'make_corpus', 'corpus_from_config', 'corpus_main']
+           'CorpusMainConfig', 'packaged_text', 'make_corpus', 'corpus_from_config', 'corpus_main']
 
 # %% ../nbs/02a_corpus.ipynb #8627a67b
 import hashlib, os, re, textwrap
 import urllib.error, urllib.request
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -25,11 +26,11 @@ from .utils import UserError, atomic_write, file_sha256, run_cli, temp_path_for
 class CorpusConfig:
     "Schema of a `corpus` config: a built-in source or a pinned download."
     name: str = "python_docs"
-    source: str = "python_docs"  # `python_docs` or `url`
+    source: str = "python_docs"  # `python_docs`, `package` or `url`
     num_shards: int = 4  # python_docs: number of files
-    url: Optional[str] = None  # url: where to download from
-    sha256: Optional[str] = None  # url: the pinned sha256 of the file
-    filename: Optional[str] = None  # url: the file name in out_dir (default `{name}.txt`)
+    url: Optional[str] = None  # url: where to download from (package: where the file came from, for reference)
+    sha256: Optional[str] = None  # url, package: the pinned sha256 of the file
+    filename: Optional[str] = None  # url, package: the file name in out_dir (default `{name}.txt`); package: also its name in `llm_playground/data`
     timeout: float = 60.0  # url: seconds to wait for the server
     description: str = "Python's built-in documentation topics (pydoc_data.topics)"  # one line for humans
 
@@ -89,6 +90,19 @@ def write_python_docs(
 class CorpusError(UserError):
     "A corpus could not be downloaded, or its bytes are not the pinned ones; nothing was written."
 
+# %% ../nbs/02a_corpus.ipynb #d8b30001
+def _missing_folders(d: Path) -> list[Path]:
+    "The folders on the way to `d` (`d` included) that do not exist yet, deepest first."
+    out = []
+    while not d.exists() and d != d.parent: out.append(d); d = d.parent
+    return out
+
+def _remove_empty(folders: list[Path]):
+    "Remove `folders` (deepest first) while they are empty."
+    for d in folders:
+        try: d.rmdir()
+        except OSError: break
+
 # %% ../nbs/02a_corpus.ipynb #033a103e
 def download_text(
     url: str,  # where to download from (`https://`, `http://` or `file://`)
@@ -99,11 +113,15 @@ def download_text(
 ) -> Path:  # `dest`
     "Download `url` to `dest` if its sha256 matches the pinned one; a mismatch raises `CorpusError` and writes nothing."
     dest, want = Path(dest).expanduser(), sha256.strip().lower()
-    if dest.is_file() and file_sha256(dest) == want:
-        if verbose: print(f"{dest}: already present (sha256 ok)")
-        return dest
+    if dest.is_file():
+        if (have := file_sha256(dest)) == want:
+            if verbose: print(f"{dest}: already present (sha256 ok)")
+            return dest
+        raise CorpusError(f"{dest} exists but is not the pinned file (sha256 {have}, pinned {want}): it was kept and nothing was "
+                          "downloaded. Move or delete it to download the pinned file, or set corpus.filename to another name.")
+    made = _missing_folders(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp, h, n = temp_path_for(dest), hashlib.sha256(), 0
+    tmp, h, n, done = temp_path_for(dest), hashlib.sha256(), 0, False
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
             while chunk := r.read(1 << 16): h.update(chunk); f.write(chunk); n += len(chunk)
@@ -112,11 +130,13 @@ def download_text(
             raise CorpusError(f"{url}: sha256 mismatch: expected {want}, got {h.hexdigest()} ({n:,} bytes). "
                               f"Nothing was written to {dest}. The file changed at the source or the download was damaged; "
                               "check corpus.url and corpus.sha256.")
-        os.replace(tmp, dest)
+        os.replace(tmp, dest); done = True
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise CorpusError(f"Could not download {url}: {getattr(e, 'reason', e)}. Nothing was written.") from None
-    finally: tmp.unlink(missing_ok=True)
-    if verbose: print(f"{dest}: downloaded {n:,} bytes from {url} (sha256 ok)")
+    finally:
+        tmp.unlink(missing_ok=True)
+        if not done: _remove_empty(made)
+    if verbose: print(f"{dest}: {'copied' if url.startswith('file:') else 'downloaded'} {n:,} bytes from {url} (sha256 ok)")
     return dest
 
 # %% ../nbs/02a_corpus.ipynb #a1c0e014
@@ -125,6 +145,16 @@ class CorpusMainConfig:
     "Schema of `corpus.yaml`, the config of `lp_corpus`."
     out_dir: str = "${root:data/raw}"  # where the `.txt` shards go (the input_dir of lp_preprocess)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+
+# %% ../nbs/02a_corpus.ipynb #a1c0e031
+def packaged_text(
+    filename: str,  # a file of `llm_playground/data`
+) -> Path:  # its path
+    "A text file shipped inside the package (a `ConfigError` naming those there if it is not one)."
+    d = Path(str(resources.files("llm_playground")))/"data"
+    if not (d/filename).is_file():
+        raise ConfigError(f"No text {filename!r} in the package: it ships {', '.join(sorted(p.name for p in d.glob('*.txt'))) or 'none'}.")
+    return d/filename
 
 # %% ../nbs/02a_corpus.ipynb #a1c0e017
 def make_corpus(
@@ -135,10 +165,14 @@ def make_corpus(
     "Write the corpus described by `corpus` into `out_dir` as `.txt` shards."
     c = validate_config(corpus if not isinstance(corpus, CorpusConfig) else OmegaConf.structured(corpus), CorpusConfig, "corpus")
     if c.source == "python_docs": return write_python_docs(out_dir, c.num_shards, c.name, verbose)
+    dest = Path(out_dir).expanduser()/(c.filename or f"{c.name}.txt")
+    if c.source == "package":  # the same checks as a download, from the file inside the package
+        if not c.sha256: raise ConfigError(f"corpus {c.name!r}: a package corpus needs corpus.sha256.")
+        return [download_text(packaged_text(c.filename or f"{c.name}.txt").as_uri(), c.sha256, dest, c.timeout, verbose)]
     if c.source == "url":
         if not c.url or not c.sha256: raise ConfigError(f"corpus {c.name!r}: a url corpus needs both corpus.url and corpus.sha256.")
-        return [download_text(c.url, c.sha256, Path(out_dir).expanduser()/(c.filename or f"{c.name}.txt"), c.timeout, verbose)]
-    raise ConfigError(f"corpus.source must be python_docs or url, got {c.source!r}.")
+        return [download_text(c.url, c.sha256, dest, c.timeout, verbose)]
+    raise ConfigError(f"corpus.source must be python_docs, package or url, got {c.source!r}.")
 
 # %% ../nbs/02a_corpus.ipynb #a1c0e021
 def corpus_from_config(

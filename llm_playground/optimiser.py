@@ -8,7 +8,7 @@ __all__ = ['param_groups', 'OptimiserConfig', 'create_optimiser', 'LRSchedule', 
 # %% ../nbs/07a_optimiser.ipynb #7d84aa20
 import dataclasses, math
 from dataclasses import dataclass, field
-from typing import List
+from typing import ClassVar, List
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -53,6 +53,8 @@ class OptimiserConfig:
     warmup_steps: int = 0  # steps of linear warmup; 0: use `warmup_ratio`
     warmup_ratio: float = 0.05  # warmup as a fraction of the total steps (when warmup_steps is 0)
     min_lr_ratio: float = 0.1  # the schedule ends at `lr * min_lr_ratio`
+    ranges: ClassVar[dict] = dict(lr="> 0", weight_decay=">= 0", betas="[0, 1)", eps="> 0", momentum="[0, 1)", warmup_steps=">= 0",
+                                  warmup_ratio="[0, 1]", min_lr_ratio="[0, 1]")  # checked by `validate_config`
 
 # %% ../nbs/07a_optimiser.ipynb #e7e0feb9
 def create_optimiser(
@@ -77,11 +79,12 @@ class LRSchedule:
                 ):
         if kind not in ("cosine", "linear", "constant"): raise ConfigError(f"Unknown schedule '{kind}': use cosine, linear or constant.")
         self.total_steps, self.warmup_steps, self.min_ratio, self.kind = int(total_steps), int(warmup_steps), float(min_ratio), kind
+        self.time_fraction = 0.0  # share of a time budget used (set by the `Trainer` under `max_time`): the decay follows the larger
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps: return (step + 1) / (self.warmup_steps + 1)
         if self.kind == "constant": return 1.0
-        t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - 1 - self.warmup_steps))
+        t = min(1.0, max(self.time_fraction, (step - self.warmup_steps) / max(1, self.total_steps - 1 - self.warmup_steps)))
         decay = 0.5 * (1 + math.cos(math.pi * t)) if self.kind == "cosine" else 1 - t
         return self.min_ratio + (1 - self.min_ratio) * decay
 

@@ -8,8 +8,9 @@ __all__ = ['DOC_BOUNDARIES', 'MANIFEST', 'SPLITS', 'FORMAT_VERSION', 'Preprocess
            'preprocess', 'PreprocessConfig', 'preprocess_from_config', 'main']
 
 # %% ../nbs/02b_preprocess.ipynb #8627a67b
-import hashlib, itertools, json, os, re, sys, zlib
+import errno, hashlib, itertools, json, math, os, re, sys, zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from .config import ConfigError, hydra_main, validate_config
 from .tokenizer import ENDOFTEXT, CharTokenizer, GPT2Tokenizer, Tokenizer, build_tokenizer
-from .utils import UserError, atomic_write, is_temp_file, run_cli
+from .utils import (LOCK_FILE, LockError, UserError, atomic_write, describe_os_error, dir_lock, fsync_path, is_temp_file,
+                                  run_cli, temp_path_for)
 
 # %% ../nbs/02b_preprocess.ipynb #d9a0e56a
 class PreprocessError(UserError):
@@ -98,17 +100,27 @@ def _has_text(s: str) -> bool:
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e013
 _LINE_BREAK = re.compile(r"\n")
+_WORD_BREAK = re.compile(r"\s+")  # m.end(): the start of the next word
+_ANYWHERE = re.compile(r"(?<=.)", re.S)  # between any two characters
+_BREAKS = (_PARAGRAPH_BREAK, _LINE_BREAK, _WORD_BREAK, _ANYWHERE)  # coarsest first
 
 def _next_break(text: str, pos: int, pat: re.Pattern) -> int:
     "Start of the first paragraph (or line) that begins at or after `pos`; `len(text)` if none."
     m = pat.search(text, pos)
     return m.end() if m else len(text)
 
+# %% ../nbs/02b_preprocess.ipynb #f1b20051
+def _in_marker(text: str, i: int) -> bool:
+    "Is position `i` strictly inside an `<|endoftext|>` marker of `text`?"
+    j = text.find(ENDOFTEXT, max(0, i - len(ENDOFTEXT) + 1), i + len(ENDOFTEXT) - 1)
+    return j != -1 and j < i
+
 # %% ../nbs/02b_preprocess.ipynb #b2c0e016
 def _breaks_near(text: str, pos: int, lo: int, pat: re.Pattern) -> list[int]:
     "The paragraph (or line) starts just before and after `pos` (but after `lo`), the nearest first."
     after, before = _next_break(text, pos, pat), None
-    for m in pat.finditer(text, max(lo, pos - 65536), pos): before = m.end()  # look back at most 64 KiB
+    for m in pat.finditer(text, max(lo, pos - 65536), pos):  # look back at most 64 KiB
+        if m.end() < after: before = m.end()
     if before is None or before <= lo: return [after]
     return [before, after] if pos - before < after - pos else [after, before]
 
@@ -123,12 +135,18 @@ def split_validation(
     rng = np.random.default_rng([int(seed) % 2**32, zlib.crc32(name.encode())])
     n = len(text); want = max(1, round(val_ratio * n))
     offset = int(rng.integers(0, max(1, n - want + 1)))
-    for pat in (_PARAGRAPH_BREAK, _LINE_BREAK):
+    best = None  # (how far from `want`, train, val) of the closest split seen
+    for pat in _BREAKS:
         for start in (_next_break(text, offset, pat) if offset else 0, 0):
             for end in _breaks_near(text, start + want, start, pat):
+                if _in_marker(text, start) or _in_marker(text, end): continue
                 train, val = text[:start] + ENDOFTEXT + text[end:], text[start:end]
-                if _has_text(train) and _has_text(val): return train, val
-    raise PreprocessError(f"too small for a validation split: it needs at least two lines of text (it has {n} characters). "
+                if not (_has_text(train) and _has_text(val)): continue
+                off = abs(math.log((end - start) / want))
+                if off <= math.log(2): return train, val  # within a factor of two of the size asked
+                if best is None or off < best[0]: best = (off, train, val)
+    if best: return best[1:]
+    raise PreprocessError(f"too small for a validation split: it needs at least two characters of text (it has {n} characters). "
                           "Add text, merge it with another shard, or remove it.")
 
 # %% ../nbs/02b_preprocess.ipynb #aa2eb6fd
@@ -151,10 +169,10 @@ def _pieces(docs: Sequence[str], piece_chars: int, cut: bool = False) -> list[st
     return pieces
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e026
-_SAFE_CUT = re.compile(r"\S\n(?=\S)")  # a newline between two non-space characters
+_SAFE_CUT = re.compile(r"\S\n(?=\S)|\S(?= \S)")  # after a newline, or before a space, between two non-space characters
 
 def _cut(doc: str, size: int) -> list[str]:
-    "`doc` cut after newlines (between non-space characters) into parts of about `size` characters."
+    "`doc` cut after newlines or before single spaces (between non-space characters) into parts of about `size` characters."
     parts, start = [], 0
     while len(doc) - start > 2 * size and (m := _SAFE_CUT.search(doc, start + size)):
         parts.append(doc[start:m.end()]); start = m.end()
@@ -197,7 +215,7 @@ def _clean_tmp(out: Path):
 # %% ../nbs/02b_preprocess.ipynb #eb4b6c4e
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e033
 def load_manifest(
@@ -214,10 +232,8 @@ def load_manifest(
 # %% ../nbs/02b_preprocess.ipynb #fcdac2c0
 def _settings(tok: Tokenizer, val_ratio, seed, doc_boundary, errors) -> dict:
     "Everything that decides the content of the outputs, as stored in the manifest."
-    n = tok.vocab_size
-    ids = list(range(n)) if n <= 8192 else sorted({*range(0, n, 61), *range(n - 256, n)})
-    try: fp = hashlib.sha256(tok.decode(ids).encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    except Exception: fp = repr(tok)
+    try: fp = tok.fingerprint
+    except Exception: fp = None  # a tokenizer that cannot say: readers compare its name and size
     return {"format": FORMAT_VERSION, "tokenizer": tok.name, "tokenizer_fingerprint": fp, "vocab_size": tok.vocab_size,
             "eot_token": tok.eot_token, "dtype": token_dtype(tok.vocab_size).name, "val_ratio": float(val_ratio),
             "seed": int(seed), "doc_boundary": doc_boundary, "errors": errors}
@@ -226,15 +242,17 @@ def _settings(tok: Tokenizer, val_ratio, seed, doc_boundary, errors) -> dict:
 def _manifest(settings: dict, shards: dict) -> dict:
     "The manifest: the settings, one entry per shard (sorted by name), and totals."
     shards = dict(sorted(shards.items()))
-    tot = lambda k: {s: sum(e[k][s] for e in shards.values()) for s in SPLITS}
-    return {**settings, "shards": shards, "totals": {"shards": len(shards), "documents": tot("documents"), "tokens": tot("tokens")}}
+    tot = lambda k: {s: sum(e[k][s] for e in shards.values()) for s in SPLITS} if all(k in e for e in shards.values()) else None
+    return {**settings, "shards": shards, "totals": {"shards": len(shards), "documents": tot("documents"), "tokens": tot("tokens"),
+                                                     "utf8_bytes": tot("utf8_bytes")}}
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e050
 def find_shards(
     input_dir: str | Path,  # the folder of raw text
     out_dir: str | Path | None = None,  # the output folder, checked not to be inside `input_dir`
+    warn: Callable[[str], None] | None = None,  # called with a warning for each `.txt` link that is skipped
 ) -> list[Path]:  # the `.txt` files directly in `input_dir`, sorted by name
-    "The shards of `input_dir`, with clear errors for a missing or empty folder."
+    "The shards of `input_dir`, with clear errors for a missing or empty folder; broken or looping links are skipped."
     inp = Path(input_dir).expanduser().resolve()
     hint = "Put .txt files there, or run lp_corpus to write the built-in corpus."
     if not inp.exists(): raise PreprocessError(f"input_dir {inp} does not exist. {hint}")
@@ -244,11 +262,22 @@ def find_shards(
                               "Choose an out_dir outside input_dir.")
     entries = [p for p in inp.iterdir() if not p.name.startswith(".")]
     if not entries: raise PreprocessError(f"input_dir {inp} is empty. {hint}")
-    shards = sorted(p for p in entries if p.suffix == ".txt" and p.is_file())
+    shards = sorted(p for p in entries if p.suffix == ".txt" and _usable(p, warn))
     if not shards:
         others = ", ".join(sorted(p.name for p in entries)[:5])
         raise PreprocessError(f"input_dir {inp} has no .txt files (found: {others}{', ...' if len(entries) > 5 else ''}). {hint}")
     return shards
+
+# %% ../nbs/02b_preprocess.ipynb #f1b20011
+def _usable(p: Path, warn: Callable[[str], None] | None) -> bool:
+    "Is `p` a file to read? A broken or looping link is not, with a warning that names it."
+    try: os.stat(p)
+    except OSError as e:
+        if p.is_symlink() and warn:
+            why = "a loop of symbolic links" if e.errno == errno.ELOOP else f"a broken symbolic link (to {os.readlink(p)})"
+            warn(f"warning: {p} is {why}; skipped.")
+        return False
+    return p.is_file()
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e054
 def _check_options(val_ratio, doc_boundary, errors, batch_chars, num_threads):
@@ -260,11 +289,15 @@ def _check_options(val_ratio, doc_boundary, errors, batch_chars, num_threads):
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e057
 def _prepare(path: Path, data: bytes, val_ratio, seed, errors, warn) -> tuple[str, str]:
-    "Check and split one shard, given its bytes: (train text, validation text)."
+    "Check and split one shard, given its bytes: (train text, validation text); `warn` hears of a far too small validation split."
     text = _decode(data, path, errors, warn)
     if not _has_text(text): raise PreprocessError(f"{path}: empty shard (no text). Add text or remove the file.")
-    try: return split_validation(text, val_ratio, seed, path.stem)
+    try: train, val = split_validation(text, val_ratio, seed, path.stem)
     except PreprocessError as e: raise PreprocessError(f"{path}: {e}") from None
+    if warn and len(val) < val_ratio * len(text) / 2:
+        warn(f"warning: {path}: val_ratio={val_ratio} asked for {val_ratio:.0%} of its {len(text):,} characters for validation, "
+             f"but the split got {len(val):,} ({len(val) / len(text):.1%}): add text to this shard, or mind its noisy validation loss.")
+    return train, val
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e060
 def _outputs_ok(out: Path, name: str, entry: dict, itemsize: int) -> bool:
@@ -301,16 +334,32 @@ def _process_shard(p: Path, out: Path, tok: Tokenizer, val_ratio, seed, doc_boun
     for split, docs, split_ids in zip(SPLITS, doc_lists, (ids[:cut], ids[cut:])):
         files[out/split/f"{p.stem}.bin"], files[out/split/f"{p.stem}.txt"] = split_ids, ENDOFTEXT.join(docs) + ENDOFTEXT
         entry["documents"][split], entry["tokens"][split] = len(docs), len(split_ids)
+        entry.setdefault("utf8_bytes", {})[split] = sum(len(d.encode("utf-8")) for d in docs)
     return files, entry
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e067
+def _write_error(out: Path, what: str, e: OSError) -> PreprocessError:
+    "A one-line error for an OS error while writing `what` into `out`, naming the real file rather than its temporary name."
+    if e.filename and (m := re.fullmatch(r"\.+(.+?)(\.\d+\.tmp)+", Path(e.filename).name)):  # dir/.x.bin.123.tmp -> dir/x.bin
+        e.filename = str(Path(e.filename).with_name(m[1]))
+    return PreprocessError(f"Could not write {what} in {out}: {describe_os_error(e)}. Shards finished before are kept; run it again once fixed.")
+
 def _commit(out: Path, files: dict, name: str, entry: dict, shards: dict, settings: dict, say: Callable):
-    "Write one shard's files atomically, then the manifest that lists it."
+    "Write one shard's four files (all or none), then the manifest that lists it."
+    staged = []
     try:
-        for f, content in files.items(): atomic_write(f, content)
+        for f, content in files.items(): staged.append((atomic_write(temp_path_for(f), content), f))
+        atomic_write(out/MANIFEST, json.dumps(_manifest(settings, shards), indent=1))  # no longer lists the old version
+        for tmp, f in staged: os.replace(tmp, f)
+        for d in {f.parent for f in files}: fsync_path(d)
+        staged = []
         shards[name] = entry
         atomic_write(out/MANIFEST, json.dumps(_manifest(settings, shards), indent=1))
-    except OSError as e: raise PreprocessError(f"Could not write the outputs of {entry['source']} in {out}: {e}") from None
+    except OSError as e: raise _write_error(out, f"the outputs of {entry['source']}", e) from None
+    finally:
+        for tmp, _ in staged:
+            try: tmp.unlink(missing_ok=True)
+            except OSError: pass  # the error being raised is the one to report
     say(f"{entry['source']}: {entry['tokens']['train']:,} train + {entry['tokens']['validation']:,} validation tokens")
 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e069
@@ -364,11 +413,11 @@ def _plan(checked: list, out: Path, settings: dict, itemsize: int, force: bool, 
 # %% ../nbs/02b_preprocess.ipynb #b2c0e091
 def _work(todo: list[Path], out: Path, tok: Tokenizer, kept: dict, removed: list[str], settings: dict, say: Callable,
           progress: bool, **opts) -> dict:
-    "The work pass: update the manifest to `kept`, remove the outputs of `removed`, process `todo`; the new manifest."
+    "The work pass: remove the outputs of `removed`, process `todo` (each shard listed once written); the new manifest."
     for s in SPLITS: (out/s).mkdir(parents=True, exist_ok=True)
     _clean_tmp(out)
     shards = dict(kept)
-    atomic_write(out/MANIFEST, json.dumps(_manifest(settings, shards), indent=1))
+    if removed or not (out/MANIFEST).exists(): atomic_write(out/MANIFEST, json.dumps(_manifest(settings, shards), indent=1))
     for name in removed: _remove_outputs(out, name); say(f"{name}.txt: no longer in input_dir, outputs removed")
     with tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc="tokenizing",
               disable=(not progress) or None, file=sys.stderr) as bar:
@@ -377,6 +426,28 @@ def _work(todo: list[Path], out: Path, tok: Tokenizer, kept: dict, removed: list
     say(f"{len(todo)} shard(s) processed, {len(kept)} unchanged, {len(removed)} removed; "
         f"{t['tokens']['train']:,} train + {t['tokens']['validation']:,} validation tokens ({settings['dtype']}) in {out}")
     return manifest
+
+# %% ../nbs/02b_preprocess.ipynb #f1b20031
+@contextmanager
+def _owned(out: Path):
+    "Hold the lock on `out` (created if missing) while the block runs; a folder created here and left empty is removed on failure."
+    created, lock = not out.exists(), None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = dir_lock(out, "lp_preprocess").acquire()
+        yield
+    except BaseException as e:
+        if created and not isinstance(e, LockError) and not any(f.is_file() and f.name != LOCK_FILE for f in out.rglob("*")):
+            _remove_tree(out)
+        if isinstance(e, OSError) and lock is None: raise _write_error(out, "the lock file", e) from None
+        raise
+    finally:
+        if lock: lock.release()
+
+def _remove_tree(d: Path):
+    "Remove the folder `d`, holding only empty folders and a lock file (a run that failed before writing anything)."
+    for p in sorted(d.rglob("*"), reverse=True): p.rmdir() if p.is_dir() else p.unlink()
+    d.rmdir()
 
 # %% ../nbs/02b_preprocess.ipynb #b662a3a3
 def preprocess(
@@ -396,16 +467,20 @@ def preprocess(
     "Tokenize every `.txt` shard of `input_dir` into `out_dir/{train,validation}` (`.bin` ids and `.txt` text) plus `manifest.json`."
     _check_options(val_ratio, doc_boundary, errors, batch_chars, num_threads)
     say = (lambda m: tqdm.write(m, file=sys.stdout)) if verbose else (lambda m: None)
-    paths, out = find_shards(input_dir, out_dir), Path(out_dir).expanduser().resolve()
+    paths, out = find_shards(input_dir, out_dir, say), Path(out_dir).expanduser().resolve()
     checked = _check_shards(paths, val_ratio, seed, errors)  # 1. check: nothing is written before every shard has passed
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer() if callable(tokenizer) else GPT2Tokenizer()
     settings = _settings(tok, val_ratio, seed, doc_boundary, errors)
-    old, kept, todo, removed = _plan(checked, out, settings, token_dtype(tok.vocab_size).itemsize, force, say)
-    if not todo and not removed and old is not None:
+    itemsize = token_dtype(tok.vocab_size).itemsize
+    old, kept, todo, removed = _plan(checked, out, settings, itemsize, force, say)
+    if not todo and not removed and old is not None:  # nothing to write: no lock needed (a read-only out_dir is fine)
         say(f"All {len(kept)} shards unchanged; nothing to do ({out}).")
         return old
-    return _work(todo, out, tok, kept, removed, settings, say, progress, val_ratio=val_ratio, seed=seed,  # 2. work
-                 doc_boundary=doc_boundary, errors=errors, batch_chars=batch_chars, num_threads=num_threads)
+    with _owned(out):  # 2. work, as the only writer of `out` (planned again: another writer may have just finished)
+        old, kept, todo, removed = _plan(checked, out, settings, itemsize, force, lambda m: None)
+        try: return _work(todo, out, tok, kept, removed, settings, say, progress, val_ratio=val_ratio, seed=seed,
+                          doc_boundary=doc_boundary, errors=errors, batch_chars=batch_chars, num_threads=num_threads)
+        except OSError as e: raise _write_error(out, "the outputs", e) from None
 
 # %% ../nbs/02b_preprocess.ipynb #20c19d6d
 @dataclass

@@ -7,7 +7,7 @@ __all__ = ['ENDOFTEXT', 'NUM_THREADS', 'gpt2_vocab_files', 'gpt2_encoding', 'Tok
            'build_tokenizer', 'count_tokens']
 
 # %% ../nbs/01_tokenizer.ipynb #0f7321f7
-import functools, os
+import functools, hashlib, os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -152,6 +152,37 @@ def decode(self: CharTokenizer, ids: Iterable[int]) -> str:
     bad = next((i for i in ids if not 0 <= i <= n), None)
     if bad is not None: raise DataError(f"Token id {bad} is out of range for a vocabulary of {self.vocab_size} (ids 0..{n}).")
     return "".join(ENDOFTEXT if i == n else self.chars[i] for i in ids)
+
+# %% ../nbs/01_tokenizer.ipynb #f1a90002
+def _sha16(*parts: bytes) -> str:
+    "16 hex digits of the sha256 of `parts`, each prefixed with its length (so no two lists of parts hash alike)."
+    h = hashlib.sha256()
+    for b in parts: h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()[:16]
+
+@patch(as_prop=True)
+def fingerprint(self: Tokenizer) -> str:
+    "16 hex digits identifying the mapping between ids and text: equal fingerprints, same ids for every text."
+    n = self.vocab_size
+    ids = list(range(n)) if n <= 8192 else sorted({*range(0, n, 61), *range(n - 256, n)})
+    return _sha16(self.name.encode(), str((n, self.eot_token)).encode(), self.decode(ids).encode("utf-8", "surrogatepass"))
+
+# %% ../nbs/01_tokenizer.ipynb #f1a90004
+@functools.lru_cache(maxsize=None)
+def _encoding_fingerprint(enc: tiktoken.Encoding) -> str:
+    "Fingerprint of a tiktoken encoding: the bytes of every token id, in id order."
+    return _sha16(b"tiktoken", *(enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)))
+
+@patch(as_prop=True)
+def fingerprint(self: GPT2Tokenizer) -> str:
+    "Fingerprint of the encoding: a sha256 over the bytes of every token, in id order."
+    return _encoding_fingerprint(self.encoding)
+
+# %% ../nbs/01_tokenizer.ipynb #f1a90006
+@patch(as_prop=True)
+def fingerprint(self: CharTokenizer) -> str:
+    "Fingerprint of the alphabet (its characters in id order; the end-of-text id follows them)."
+    return _sha16(b"char", self.chars.encode("utf-8", "surrogatepass"))
 
 # %% ../nbs/01_tokenizer.ipynb #6a88b241
 def build_tokenizer(

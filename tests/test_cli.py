@@ -103,3 +103,20 @@ def test_group_swaps_and_presets():
     assert (v.trainer.num_epochs, v.dataset.batch_size, v.dataset.stride, v.dataset.max_length) == (10, 2, 256, 256)
     with pytest.raises(ConfigError, match="model.n_heads"):
         validate_pretrain_config(compose_config("pretrain", ["model.n_heads=7"]))
+
+
+def test_time_budget(tmp_path):
+    "`trainer.max_time` ends a run that would otherwise take 100,000 steps, with its decay complete and a final checkpoint."
+    import json
+    text = Path(__file__).resolve().parents[1]/"data"/"fixtures"/"pride_and_prejudice_ch1.txt"
+    r = run(*cmd("pretrain"), "experiment=smoke", f"dataset.train={text}", f"trainer.output_dir={tmp_path}", "trainer.device=cpu",
+            "trainer.max_steps=100000", "trainer.max_time=3", "trainer.save_steps=0", "trainer.log_steps=1", "trainer.sampling.prompts=[]",
+            "optimiser.lr=3e-3", "optimiser.warmup_steps=2")
+    assert r.returncode == 0, r.stderr
+    assert "or 3 s of training, whichever ends first" in r.stdout
+    run_dir = next(tmp_path.glob("smoke/*"))
+    rows = [json.loads(l) for l in (run_dir/"metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]["step"]
+    assert 10 < last < 100000
+    assert (run_dir/"checkpoints"/f"step_{last:08d}").is_dir()
+    assert abs(rows[-1]["lr"] - 3e-4) < 1e-9   # min_lr_ratio (0.1) of the peak: the schedule ended with the budget

@@ -28,12 +28,15 @@ def runs(tmp_path_factory):
     good = hashlib.sha256(src.read_bytes()).hexdigest()
     url = src.as_uri()
     (tmp/"again").mkdir(); (tmp/"again"/"the_verdict.txt").write_bytes(src.read_bytes())
+    (tmp/"mine").mkdir(); (tmp/"mine"/"the_verdict.txt").write_text("my own edited copy\n")
     cases = {
         "docs": ("lp_corpus", f"out_dir={tmp/'docs'}"),
         "good": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'good'}", f"corpus.url={url}", f"corpus.sha256={good}"),
         "again": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'again'}", f"corpus.url={tmp/'nowhere'}", f"corpus.sha256={good}"),
-        "mismatch": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'bad'}", f"corpus.url={url}", f"corpus.sha256={'0' * 64}"),
-        "missing": ("lp_corpus", "corpus=tinyshakespeare", f"out_dir={tmp/'missing'}", f"corpus.url={(tmp/'nope.txt').as_uri()}"),
+        "mismatch": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'bad'/'deeper'}", f"corpus.url={url}", f"corpus.sha256={'0' * 64}"),
+        "differs": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'mine'}", f"corpus.url={url}", f"corpus.sha256={good}"),
+        "missing": ("lp_corpus", "corpus=the_verdict", f"out_dir={tmp/'missing'}", f"corpus.url={(tmp/'nope.txt').as_uri()}"),
+        "shakespeare": ("lp_corpus", "corpus=tinyshakespeare", f"out_dir={tmp/'ts'}"),
     }
     with ThreadPoolExecutor(4) as ex: results = dict(zip(cases, ex.map(lambda c: cli(*c), cases.values())))
     return tmp, src, results
@@ -47,6 +50,13 @@ def failed_cleanly(r, *needles):
     assert r.returncode != 0, r.stdout
     assert "Traceback" not in r.stderr, r.stderr
     for n in needles: assert n in r.stderr, r.stderr
+
+
+def test_packaged_shakespeare(runs):
+    "The packaged text is copied out, offline, byte for byte the pinned file."
+    tmp, _, res = runs
+    ok(res["shakespeare"])
+    assert hashlib.sha256((tmp/"ts"/"tinyshakespeare.txt").read_bytes()).hexdigest() == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 def test_python_docs_corpus(runs):
@@ -84,19 +94,29 @@ def test_download_skipped_when_present(runs):
 def test_download_checksum_mismatch(runs):
     tmp, _, res = runs
     failed_cleanly(res["mismatch"], "lp_corpus: error:", "sha256 mismatch", "Nothing was written")
-    assert not (tmp/"bad").exists() or list((tmp/"bad").iterdir()) == []   # no file, no temporary file
+    assert res["mismatch"].returncode == 1
+    assert not (tmp/"bad").exists()   # no file, no temporary file, not even the folders made for it
+
+
+def test_download_never_replaces_a_different_local_file(runs):
+    tmp, _, res = runs
+    failed_cleanly(res["differs"], "lp_corpus: error:", "the_verdict.txt exists but is not the pinned file", "it was kept",
+                   "corpus.filename")
+    assert res["differs"].returncode == 1 and len(res["differs"].stderr.strip().splitlines()) == 1
+    assert (tmp/"mine"/"the_verdict.txt").read_text() == "my own edited copy\n"
+    assert [p.name for p in (tmp/"mine").iterdir()] == ["the_verdict.txt"]
 
 
 def test_download_unreachable(runs):
     tmp, _, res = runs
     failed_cleanly(res["missing"], "Could not download", "nope.txt")
-    assert not (tmp/"missing").exists() or list((tmp/"missing").iterdir()) == []
+    assert not (tmp/"missing").exists()
 
 
 def test_bad_config(tmp_path):
     from llm_playground.config import ConfigError
     from llm_playground.corpus import corpus_from_config
-    for override, needle in [("corpus.num_shards=0", "num_shards"), ("corpus.source=ftp", "python_docs or url"),
+    for override, needle in [("corpus.num_shards=0", "num_shards"), ("corpus.source=ftp", "python_docs, package or url"),
                              ("corpus.num_shards=many", "corpus.num_shards")]:
         with pytest.raises(ConfigError, match=needle):
             corpus_from_config(compose_config("corpus", [f"out_dir={tmp_path}", override]))

@@ -40,6 +40,7 @@ def test_wheel_ships_yaml_configs(wheel):
     assert "llm_playground/configs/preprocess.yaml" in yamls and "llm_playground/configs/tokenizer/gpt2.yaml" in yamls
     missing = [y for y in yamls if y not in names]
     assert not missing, f"YAML configs left out of the wheel: {missing}"
+    assert "llm_playground/data/tinyshakespeare.txt" in names   # the packaged corpus
 
 
 PROBE = """
@@ -73,3 +74,12 @@ def test_root_env_var_overrides(installed, tmp_path):
 def test_inside_a_clone_the_root_is_the_clone(installed):
     got = run_installed(PROBE, installed, cwd=TOP/"nbs")
     assert got["root"] == str(TOP)
+
+
+def test_python_m_cli_runs_every_console_script():
+    "`python -m llm_playground.cli <cmd>` dispatches to the same entry points as the installed `lp_<cmd>` scripts."
+    from configparser import ConfigParser
+    from llm_playground.cli import _COMMANDS
+    cfg = ConfigParser(); cfg.read(Path(__file__).resolve().parents[1]/"settings.ini")
+    scripts = dict(l.strip().split("=", 1) for l in cfg["DEFAULT"]["console_scripts"].splitlines() if l.strip())
+    assert {f"lp_{k}": v for k, v in _COMMANDS.items()} == scripts

@@ -27,8 +27,8 @@ def cli(prog: str, *args) -> subprocess.CompletedProcess:
 def ok(r): assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
 
 def snapshot(d: Path) -> dict:
-    "Every file under `d`: relative path -> (bytes, mtime)."
-    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
+    "Every file under `d` but the lock file (rewritten by every run that takes the lock): relative path -> (bytes, mtime)."
+    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 def no_tmp_files(d: Path): assert [p for p in d.rglob("*.tmp")] == []
 
@@ -137,7 +137,7 @@ def _bad_cases(tmp: Path, done_raw: Path, done_out: Path) -> dict:
         "no_txt": ([f"input_dir={d('no_txt', {'notes.md': 'hi', 'data.csv': 'a,b'})}"], ["has no .txt files", "notes.md"]),
         "empty_shard": ([f"input_dir={d('empty_shard', {'good.txt': GOOD, 'blank.txt': BLANK})}"], ["blank.txt", "empty shard"]),
         "not_utf8": ([f"input_dir={d('not_utf8', {'good.txt': GOOD, 'latin.txt': LATIN})}"], ["latin.txt", f"byte offset {LATIN_OFFSET}", "errors=replace"]),
-        "too_small": ([f"input_dir={d('too_small', {'good.txt': GOOD, 'tiny.txt': 'just one line'})}"], ["tiny.txt", "too small for a validation split"]),
+        "too_small": ([f"input_dir={d('too_small', {'good.txt': GOOD, 'tiny.txt': 'x'})}"], ["tiny.txt", "too small for a validation split"]),
         "out_inside_in": ([f"input_dir={d('inside', {'good.txt': GOOD})}", f"out_dir={tmp/'inside'/'processed'}"], ["inside input_dir"]),
         "config_value": ([f"input_dir={d('cfg', {'good.txt': GOOD})}", "preprocessing.val_ratio=lots"], ["preprocessing.val_ratio"]),
     }
