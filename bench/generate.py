@@ -28,7 +28,7 @@ from torch import nn
 
 from llm_playground import inference_utils
 from llm_playground.config import get_device
-from llm_playground.inference_utils import Int8Linear, quantize_int8, top1_agreement
+from llm_playground.inference_utils import quantize_int8, top1_agreement
 from llm_playground.transformer import Transformer, model_preset   # importing Transformer is enough to generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -213,14 +213,14 @@ def main(argv=None):
         rounds(make(2), device, 1)                                                 # warm-up
         fns = make(a.new_tokens)
         outs, secs = rounds(fns, device, a.repeat)
+        torch.set_num_threads(max(threads))
         tps = {k: [B * a.new_tokens / s for s in v] for k, v in secs.items()}
         med = {k: statistics.median(v) for k, v in tps.items()}
         first = lambda name: next((v for j, v in outs.items() if j.split("@")[0] == name), None)
         ref = first("HF fp32") or first("ours fp32")
         for k in fns:
             kind, fmt = k.split()
-            fmt, at = (fmt.split("@") + [""])[:2]
-            at = f"@{at}" if at else ""
+            fmt = fmt.split("@")[0]
             sb = step_bytes(ours[fmt]) if kind == "ours" else fp32_bytes // (1 if fmt == "fp32" else 2)
             limit = B * bw * 1e9 / sb
             hf32 = max((v for j, v in med.items() if j.startswith("HF fp32")), default=float("nan"))   # HF's best thread setting
@@ -229,7 +229,6 @@ def main(argv=None):
             same_fmt = max((j for j in med if j.split("@")[0] == same_fmt), key=med.get, default=same_fmt)
             vs_same = med[k] / med[same_fmt] if same_fmt in med else float("nan")
             same = same_tokens(outs[k], ref)
-            fmt_key = fmt
             print(f"{k:<18} {B:5d} {a.new_tokens:4d} {med[k]:8.1f} {min(tps[k]):7.1f}-{max(tps[k]):<7.1f} {limit:7.1f} "
                   f"{med[k] / limit:8.0%} {vs_fp32:9.2f}x {vs_same:9.2f}x  {same}/{B * a.new_tokens} as "
                   f"{'HF fp32' if first('HF fp32') is not None else 'ours fp32'}", flush=True)
