@@ -396,3 +396,69 @@ def test_generate_text_signature_and_eos_error():
     m = tiny(vocab_size=tok.vocab_size)
     with pytest.raises(TypeError, match="stop_at_eot=False instead of eos_token_id"):
         generate_text(m, tok, "abc", max_new_tokens=3, eos_token_id=0)
+
+
+# ---------------------------------------------------------------- speed tricks keep the tokens: layout, int8
+
+def test_greedy_tokens_match_transformers():
+    "Our fp32 greedy tokens (the decode loop with its [in, out] weight copies) are transformers' greedy tokens."
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_positions=CTX, n_embd=32, n_layer=2, n_head=4,
+                                                              bos_token_id=V - 1, eos_token_id=V - 1)).eval()
+    with torch.no_grad():
+        for p in hf.parameters(): p.normal_(0, 0.1)     # larger weights: a random model that does not just repeat a token
+    ours = Transformer.from_hf(hf.state_dict(), n_heads=4).eval()
+    prompts = torch.tensor(random_prompts(3, 6, 6, seed=20))
+    ref = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=20, do_sample=False,
+                      pad_token_id=0, eos_token_id=None)[:, 6:].tolist()
+    assert len(set(map(tuple, ref))) > 1 and all(len(set(r)) > 3 for r in ref)   # a real test: varied tokens
+    assert ours.generate(prompts, 20, temperature=0) == ref
+
+
+def test_decode_model_shares_weights_and_leaves_model_alone(model):
+    from torch import nn
+    from llm_playground.inference_utils import _decode_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = _decode_model(model)
+    assert fast is not model and fast.tok_emb.weight is model.tok_emb.weight and fast.cfg is model.cfg
+    assert fast.blocks[0].mlp.fc.weight is model.blocks[0].mlp.fc.weight and type(fast.head) is not nn.Linear
+    assert all(type(m) is nn.Linear for m in model.modules() if "Linear" in type(m).__name__)   # the model's own layers
+    assert _decode_model(model, batch_size=2) is model
+    model.generate([[1, 2, 3]], 5, temperature=0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with torch.no_grad():
+        ids = torch.tensor(random_prompts(2, 7, 7, seed=21))
+        torch.testing.assert_close(fast(ids), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def _char_model_and_text():
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "data" / "fixtures" / "pride_and_prejudice_ch1.txt").read_text()
+    tok = CharTokenizer.from_text(text)
+    return tiny(vocab_size=tok.vocab_size, context_length=64), tok.encode(text)[:2048]
+
+
+def test_int8_agrees_with_fp32_on_real_text():
+    from llm_playground.inference_utils import Int8Linear, quantize_int8, top1_agreement
+    m, ids = _char_model_and_text()
+    q = quantize_int8(m)
+    assert isinstance(q.head, Int8Linear) and isinstance(q.blocks[0].attn.qkv, Int8Linear)
+    assert type(m.head) is torch.nn.Linear                                  # the original is unchanged
+    assert top1_agreement(m, q, ids) >= 0.95
+    assert top1_agreement(m, quantize_int8(m, dynamic=True), ids) >= 0.9
+    # and a model that is not the same disagrees: the measure can fail
+    assert top1_agreement(m, tiny(seed=1, vocab_size=m.cfg.vocab_size, context_length=64), ids) < 0.5
+
+
+def test_int8_generation_contract(model):
+    "A quantised model generates through the same loop: streaming, eos, batching and the cache all behave."
+    from llm_playground.inference_utils import quantize_int8
+    q = quantize_int8(model)
+    prompts = random_prompts(3, 1, 10, seed=22)
+    ref = q.generate(prompts, 12, temperature=0)
+    assert all(len(r) == 12 and all(0 <= t < V for t in r) for r in ref)
+    assert [list(r) for r in zip(*q.generate_stream(prompts, 12, temperature=0))] == ref
+    assert q.generate(prompts, 12, seed=4, temperature=0.8) == q.generate(prompts, 12, seed=4, temperature=0.8)
+    same = sum(a == b for r, o in zip(ref, model.generate(prompts, 12, temperature=0)) for a, b in zip(r, o))
+    assert same >= 12      # close to fp32: at least the first tokens agree
