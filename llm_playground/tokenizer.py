@@ -366,8 +366,8 @@ def build_tokenizer(
         cfg = {**shown, "path": str(Path(base_dir)/shown["path"])}
     try: tok = instantiate(cfg)
     except Exception as e:
-        cause = e if isinstance(e, UserError) else e.__cause__
-        if isinstance(cause, UserError): raise cause from None
+        cause = e if isinstance(e, (UserError, ConfigError)) else e.__cause__
+        if isinstance(cause, (UserError, ConfigError)): raise cause from None   # already one clear line
         raise ConfigError(f"Could not build the tokenizer {shown}: {e}") from None
     return tok
 
