@@ -265,7 +265,8 @@ def tokenizer_for_data(
         entry, where = _data_tokenizer_file(data_path)
         cfg = {**cfg, "path": str(where.parent/entry["path"]), "sha256": entry["sha256"], "vocab_size": None}
         tok = build_tokenizer(cfg)
-    if isinstance(tok, BPETokenizer): cfg = {**cfg, "sha256": tok.sha256, "vocab_size": tok.vocab_size}
+    if isinstance(tok, BPETokenizer):  # named absolutely: the section means the same file from any working directory
+        cfg = {**cfg, "path": str(Path(tok.path).resolve()), "sha256": tok.sha256, "vocab_size": tok.vocab_size}
     return tok, cfg
 
 # %% ../nbs/03_data.ipynb #7b91f495

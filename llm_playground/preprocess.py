@@ -507,7 +507,7 @@ def _sync_tokenizer_file(out: Path, tok: Tokenizer, settings: dict, kept: dict, 
 def preprocess(
     input_dir: str | Path,  # folder of raw `.txt` shards
     out_dir: str | Path,  # where `train/`, `validation/` and `manifest.json` are written
-    tokenizer: Tokenizer | Callable[[], Tokenizer] | None = None,  # the tokenizer, or a function that builds it (default: GPT-2)
+    tokenizer: Tokenizer | Callable[[], Tokenizer] | None = None,  # the tokenizer, or a function that builds it (default: GPT-2); an untrained `BPETokenizer` is trained on the training split
     val_ratio: float = PreprocessingConfig.val_ratio,  # fraction of each shard's text that goes to validation
     seed: int = PreprocessingConfig.seed,  # seed of the train/validation split
     doc_boundary: str = PreprocessingConfig.doc_boundary,  # what ends a document besides the end of the file: `eot` (`<|endoftext|>` markers) or `blank_line` (also blank lines)

@@ -130,15 +130,29 @@ def test_later_commands_find_the_data_tokenizer(raw, tmp_path):
     m = load_manifest(out)
     path_less = compose_config("pretrain", ["tokenizer=bpe"]).tokenizer   # vocab_size 1280 by default: the data's file decides
     tok, cfg = tokenizer_for_data(path_less, str(out/"train"))
-    assert cfg == {"_target_": "llm_playground.tokenizer.BPETokenizer", "path": str(out/TOKENIZER_FILE),
+    assert cfg == {"_target_": "llm_playground.tokenizer.BPETokenizer", "path": str((out/TOKENIZER_FILE).resolve()),
                    "sha256": m["tokenizer_file"]["sha256"], "vocab_size": 300}
     assert tok.fingerprint == m["tokenizer_fingerprint"]
     run = tmp_path/"run"; run.mkdir()
     saved = bundle_tokenizer(cfg, run)
     assert saved["path"] == "tokenizer.json" and sha256(run/"tokenizer.json") == m["tokenizer_file"]["sha256"]
     shutil.move(run, tmp_path/"moved")
+    resumed_tok, resumed = tokenizer_for_data(saved, None, base_dir=tmp_path/"moved")   # resuming the moved run: its own copy
+    assert resumed_tok.fingerprint == tok.fingerprint and bundle_tokenizer(resumed, tmp_path/"moved") == saved
     shutil.rmtree(out)   # the run no longer needs the data folder
     assert build_tokenizer(saved, base_dir=tmp_path/"moved").fingerprint == tok.fingerprint
+
+
+def test_relative_paths_are_resolved_before_the_run_directory(raw, tmp_path, monkeypatch):
+    "`dataset.train` and `tokenizer.path` given relative to the working directory still name the right file in the run."
+    ok(lp_preprocess("tokenizer=bpe", "tokenizer.vocab_size=300", f"input_dir={raw}", f"out_dir={tmp_path/'out'}"))
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path/"models"/"run"; run.mkdir(parents=True)
+    for section, data in [(compose_config("pretrain", ["tokenizer=bpe"]).tokenizer, "out/train"),
+                          ({"_target_": "llm_playground.tokenizer.BPETokenizer", "path": "out/tokenizer.json"}, None)]:
+        tok, cfg = tokenizer_for_data(section, data)
+        assert cfg["path"] == str((tmp_path/"out"/TOKENIZER_FILE).resolve())
+        assert build_tokenizer(bundle_tokenizer(cfg, run), base_dir=run).fingerprint == tok.fingerprint
 
 
 def test_missing_or_changed_file_for_later_commands_is_one_line(raw, tmp_path):
