@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DatasetConfig', 'num_windows', 'find_manifest', 'manifest_dtype', 'TokenStream', 'load_tokens', 'check_tokens',
-           'split_bytes', 'bytes_per_token', 'NextTokenPredictionDataset', 'ResumableSampler', 'ResumableDataLoader',
-           'create_dataloader', 'dataloaders_from_config']
+           'tokenizer_for_data', 'bundle_tokenizer', 'split_bytes', 'bytes_per_token', 'NextTokenPredictionDataset',
+           'ResumableSampler', 'ResumableDataLoader', 'create_dataloader', 'dataloaders_from_config']
 
 # %% ../nbs/03_data.ipynb #fd7dbc28
 import bisect, operator, os
@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from fastcore.meta import delegates
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import validate_config
-from .preprocess import FORMAT_VERSION, MANIFEST, SPLITS, load_manifest, token_dtype
-from .tokenizer import Tokenizer
+from .config import ConfigError, validate_config
+from .preprocess import FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER_FILE, load_manifest, token_dtype
+from .tokenizer import BPETokenizer, Tokenizer, build_tokenizer
 from .utils import DataError
 
 # %% ../nbs/03_data.ipynb #1365ed2f
@@ -238,6 +238,48 @@ def check_tokens(
         if found and _check_manifest(*found, tokenizer, what, p): continue
         for f in files:
             if f.suffix == ".bin" and f.stat().st_size: _check_ids(f, tokenizer, what, dtype)
+
+# %% ../nbs/03_data.ipynb #2d787330
+def _data_tokenizer_file(data_path) -> tuple[dict, Path]:
+    "The `tokenizer_file` entry of the manifest of `data_path` and the manifest's path, or a `ConfigError` saying what to do."
+    paths = [] if data_path is None else [data_path] if isinstance(data_path, (str, os.PathLike)) else list(data_path)
+    found = find_manifest(paths[0]) if paths else None
+    entry = found[0].get("tokenizer_file") if found else None
+    if not (isinstance(entry, dict) and entry.get("path") and entry.get("sha256")):
+        why = ("no training data is configured" if not paths else f"{paths[0]} has no manifest.json next to it (lp_preprocess did not make it)"
+               if not found else f"its manifest {found[1]} names no trained tokenizer (the data was made with {found[0].get('tokenizer')})")
+        raise ConfigError(f"tokenizer=bpe without tokenizer.path uses the BPE that lp_preprocess tokenizer=bpe trained for the data, but "
+                          f"{why}: preprocess the data with lp_preprocess tokenizer=bpe, or set tokenizer.path=<tokenizer.json>.")
+    return entry, found[1]
+
+# %% ../nbs/03_data.ipynb #454a3822
+def tokenizer_for_data(
+    tokenizer_cfg,  # a `tokenizer` config section (DictConfig or dict)
+    data_path,  # the training data, as `dataset.train`: a split folder, a shard, or a list of these
+    base_dir: str | os.PathLike | None = None,  # the folder a relative `tokenizer.path` is in (the run directory, when resuming)
+) -> tuple[Tokenizer, dict]:  # the tokenizer, and a config section that rebuilds exactly it
+    "The tokenizer for `data_path`: `tokenizer=bpe` without a file becomes the BPE `lp_preprocess` trained for it (sha256 checked)."
+    cfg = OmegaConf.to_container(tokenizer_cfg, resolve=True) if OmegaConf.is_config(tokenizer_cfg) else dict(tokenizer_cfg)
+    tok = build_tokenizer(cfg, base_dir)
+    if isinstance(tok, BPETokenizer) and not tok.trained:
+        entry, where = _data_tokenizer_file(data_path)
+        cfg = {**cfg, "path": str(where.parent/entry["path"]), "sha256": entry["sha256"], "vocab_size": None}
+        tok = build_tokenizer(cfg)
+    if isinstance(tok, BPETokenizer):  # named absolutely: the section means the same file from any working directory
+        cfg = {**cfg, "path": str(Path(tok.path).resolve()), "sha256": tok.sha256, "vocab_size": tok.vocab_size}
+    return tok, cfg
+
+# %% ../nbs/03_data.ipynb #7b91f495
+def bundle_tokenizer(
+    tokenizer_cfg,  # a resolved `tokenizer` section (as `tokenizer_for_data` returns)
+    run_dir: str | os.PathLike,  # the run directory
+) -> dict:  # the section, naming the copy by its path relative to `run_dir`
+    "Copy a tokenizer that lives in a file (a trained BPE) into `run_dir`, checked; other sections come back unchanged."
+    cfg = OmegaConf.to_container(tokenizer_cfg, resolve=True) if OmegaConf.is_config(tokenizer_cfg) else dict(tokenizer_cfg)
+    if cfg.get("path") is None: return cfg
+    tok, dst = build_tokenizer(cfg, run_dir), Path(run_dir)/TOKENIZER_FILE
+    if not (dst.is_file() and Path(tok.path).resolve() == dst.resolve()): tok.save(dst)
+    return {**cfg, "path": TOKENIZER_FILE, "sha256": tok.sha256}
 
 # %% ../nbs/03_data.ipynb #d8a10019
 def _bytes_and_tokens(path) -> tuple[int, int] | None:
