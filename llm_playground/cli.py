@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, compose_config, get_device, hydra_main, resolve_root, seed_everything, validate_config
-from .dataloader import DatasetConfig, dataloaders_from_config
+from .dataloader import DatasetConfig, bundle_tokenizer, dataloaders_from_config, tokenizer_for_data
 from .inference_utils import generate_text, quantize_int8, vocab_guard
 from .logit_processors import processors_from_config
 from .tokenizer import Tokenizer, build_tokenizer
@@ -131,6 +131,7 @@ def resume_config(
         new = run_config(ckpt)
         for k in keys: OmegaConf.update(new, k, OmegaConf.select(cfg, k), merge=False, force_add=True)
     new.resume = str(ckpt)
+    if new.tokenizer.get("path", "") is None: new.tokenizer = saved.tokenizer  # `tokenizer=bpe` again: the run's trained one
     diffs = [d for s in ("model", "tokenizer") for d in config_diff(saved[s], new[s], s)]
     if diffs: raise ConfigError(f"Cannot resume {ckpt} with a different model or tokenizer:\n  " + "\n  ".join(diffs))
     return validate_pretrain_config(new), ckpt
@@ -145,7 +146,8 @@ def prepare_run(
     ckpt = None
     if cfg.resume: cfg, ckpt = resume_config(cfg, overrides)
     seed_everything(cfg.trainer.seed)
-    tokenizer = build_tokenizer(cfg.tokenizer)
+    tokenizer, tok_cfg = tokenizer_for_data(cfg.tokenizer, cfg.dataset.train, base_dir=ckpt.parent.parent if ckpt is not None else None)
+    cfg.tokenizer = OmegaConf.create(tok_cfg)  # names a trained tokenizer's file and sha256: config.yaml rebuilds exactly it
     check_compatible(cfg, tokenizer)
     train_dl, valid_dl = dataloaders_from_config(cfg.dataset, tokenizer)
     trainer = Trainer(Transformer(cfg.model), train_dl, valid_dl, cfg.trainer, cfg.optimiser, tokenizer=tokenizer)
@@ -165,6 +167,7 @@ def _open_run_dir(cfg: DictConfig, ckpt: Path | None, snapshot: DictConfig) -> t
     lock = DirLock(run_dir, "lp_pretrain")
     try:
         lock.acquire()
+        snapshot.tokenizer = bundle_tokenizer(snapshot.tokenizer, run_dir)  # a trained tokenizer: the run keeps its own copy
         atomic_write(run_dir/"config.yaml", OmegaConf.to_yaml(snapshot))
     except BaseException:
         lock.release(); _remove_new(made)
@@ -222,11 +225,12 @@ def pretrain_main(cfg: DictConfig):
 # %% ../nbs/08_cli.ipynb #5b0a0023
 INFERENCE_FILES = ("model.safetensors",)  # what `load_model` reads from a checkpoint (and its config.yaml, when listed)
 
-def _load_one(ckpt: Path) -> tuple[Transformer, DictConfig]:
-    "The model and config of the checkpoint `ckpt`, verifying only what inference reads; damage raises `CorruptCheckpointError`."
+def _load_one(ckpt: Path) -> tuple[Transformer, Tokenizer, DictConfig]:
+    "The model, tokenizer and config of the checkpoint `ckpt`, verifying only what inference reads; damage raises `CorruptCheckpointError`."
     verify_checkpoint(ckpt, need=INFERENCE_FILES)
     cfg = run_config(ckpt)
-    return load_weights(Transformer(cfg.model), ckpt), cfg
+    tokenizer = build_tokenizer(cfg.tokenizer, base_dir=ckpt.parent.parent)  # a trained tokenizer's file is in the run directory
+    return load_weights(Transformer(cfg.model), ckpt), tokenizer, cfg
 
 # %% ../nbs/08_cli.ipynb #6cc34d28
 def load_model(
@@ -235,8 +239,8 @@ def load_model(
 ) -> tuple[Transformer, Tokenizer, DictConfig]:  # the model (in eval mode), its tokenizer, the run's config
     "Load a trained model, its tokenizer and its config from a run directory or checkpoint (the newest good one, with a warning)."
     src = latest_run() if str(path) == "latest" else Path(path)
-    model, cfg = _first_good(_candidates(src, fallback=True), _load_one, fallback=True)
-    return model.to(get_device(device)).eval(), build_tokenizer(cfg.tokenizer), cfg
+    model, tokenizer, cfg = _first_good(_candidates(src, fallback=True), _load_one, fallback=True)
+    return model.to(get_device(device)).eval(), tokenizer, cfg
 
 # %% ../nbs/08_cli.ipynb #57089d18
 @dataclass

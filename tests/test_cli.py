@@ -120,3 +120,26 @@ def test_time_budget(tmp_path):
     assert 10 < last < 100000
     assert (run_dir/"checkpoints"/f"step_{last:08d}").is_dir()
     assert abs(rows[-1]["lr"] - 3e-4) < 1e-9   # min_lr_ratio (0.1) of the peak: the schedule ended with the budget
+
+
+def test_bpe_from_preprocess_to_sample(tmp_path):
+    "tokenizer=bpe: lp_preprocess trains it, and lp_pretrain, lp_sample and lp_eval find it without being told, even after the run moves."
+    import json, shutil
+    text = (Path(__file__).resolve().parents[1]/"data"/"fixtures"/"pride_and_prejudice_ch1.txt").read_text()
+    (tmp_path/"raw").mkdir(); (tmp_path/"raw"/"a.txt").write_text(text * 3)
+    r = run(*cmd("preprocess"), "tokenizer=bpe", "tokenizer.vocab_size=320", f"input_dir={tmp_path/'raw'}", f"out_dir={tmp_path/'data'}")
+    assert r.returncode == 0, r.stderr
+    r = run(*cmd("pretrain"), "experiment=smoke", "tokenizer=bpe", "model.vocab_size=320", f"dataset.train={tmp_path/'data'/'train'}",
+            f"dataset.validation={tmp_path/'data'/'validation'}", f"trainer.output_dir={tmp_path/'models'}", "trainer.max_steps=4",
+            "trainer.device=cpu", "trainer.sampling.prompts=[]")
+    assert r.returncode == 0, r.stderr
+    run_dir = next((tmp_path/"models").glob("smoke/*"))
+    assert (run_dir/"tokenizer.json").is_file() and "path: tokenizer.json" in (run_dir/"config.yaml").read_text()
+    moved = tmp_path/"elsewhere"; shutil.move(str(run_dir), moved); shutil.rmtree(tmp_path/"data")
+    r = run(*cmd("sample"), f"checkpoint={moved}", "prompt=It is", "max_new_tokens=5", "device=cpu")
+    assert r.returncode == 0 and r.stdout.startswith("It is"), r.stderr
+    (tmp_path/"v.txt").write_text(text[-500:])
+    r = run(*cmd("eval"), f"checkpoint={moved}", f"text={tmp_path/'v.txt'}", f"out={tmp_path/'e.json'}", "device=cpu")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path/"e.json").read_text())
+    assert res["bytes"] == 500 and res["tokens"] < 500   # a BPE token covers more than one byte
