@@ -33,11 +33,11 @@ def lm_loss(
     "Next-token cross-entropy, averaged over every position of the batch."
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-# %% ../nbs/07b_trainer.ipynb #4e7521ca
+# %% ../nbs/07b_trainer.ipynb #eacabfbe
 IGNORE_INDEX = -100  # targets with this value count for neither loss nor gradient (`F.cross_entropy`'s default)
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk of `fused_lm_loss` (128 MB in fp32)
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk of `fused_lm_loss` (64 MB in fp32)
 
-# %% ../nbs/07b_trainer.ipynb #8e0bafc7
+# %% ../nbs/07b_trainer.ipynb #b666fc0f
 class _LinearCrossEntropy(torch.autograd.Function):
     "Mean cross-entropy of `h @ W.T` and, when asked, its gradients, computed a chunk of rows at a time in the forward pass."
     @staticmethod
@@ -71,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.used, s = True, grad_loss / n
         return (gh.float() * s).to(ctx.dtypes[0]), gW.mul_(s).to(ctx.dtypes[1]), None, None, None, None
 
-# %% ../nbs/07b_trainer.ipynb #f45cef0a
+# %% ../nbs/07b_trainer.ipynb #cca19014
 def fused_lm_loss(
     hidden: torch.Tensor,  # `[B, T, C]` hidden states (the model's `hidden_states`)
     weight: torch.Tensor,  # `[V, C]` the output head's weight (tied or not)
@@ -85,7 +85,7 @@ def fused_lm_loss(
     with torch.autocast(dev, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, t, chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0]), dtype, grads)
 
-# %% ../nbs/07b_trainer.ipynb #8d3ba62b
+# %% ../nbs/07b_trainer.ipynb #505e59f7
 def _has_fused_head(model: nn.Module) -> bool:
     "Can `fused_lm_loss` replace `lm_loss(model(x), y)`: does `model` have `hidden_states` and a bias-free linear `head`?"
     head = getattr(model, "head", None)
@@ -325,7 +325,7 @@ def _tick(self: Trainer):
         used = self.train_time / self.cfg.max_time
         self.sched.lr_lambdas[0].time_fraction, self._out_of_time = min(1.0, used), used >= 1
 
-# %% ../nbs/07b_trainer.ipynb #c7e027b7
+# %% ../nbs/07b_trainer.ipynb #07123ab1
 @patch
 def _loss(self: Trainer,
     xb: torch.Tensor,  # `[B, T]` input ids, on the device
