@@ -33,11 +33,11 @@ def lm_loss(
     "Next-token cross-entropy, averaged over every position of the batch."
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-# %% ../nbs/07b_trainer.ipynb #eacabfbe
+# %% ../nbs/07b_trainer.ipynb #b062dc9a
 IGNORE_INDEX = -100  # targets with this value count for neither loss nor gradient (`F.cross_entropy`'s default)
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk of `fused_lm_loss` (64 MB in fp32)
 
-# %% ../nbs/07b_trainer.ipynb #b666fc0f
+# %% ../nbs/07b_trainer.ipynb #bf8458ea
 class _LinearCrossEntropy(torch.autograd.Function):
     "Mean cross-entropy of `h @ W.T` and, when asked, its gradients, computed a chunk of rows at a time in the forward pass."
     @staticmethod
@@ -71,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.used, s = True, grad_loss / n
         return (gh.float() * s).to(ctx.dtypes[0]), gW.mul_(s).to(ctx.dtypes[1]), None, None, None, None
 
-# %% ../nbs/07b_trainer.ipynb #cca19014
+# %% ../nbs/07b_trainer.ipynb #b69691f9
 def fused_lm_loss(
     hidden: torch.Tensor,  # `[B, T, C]` hidden states (the model's `hidden_states`)
     weight: torch.Tensor,  # `[V, C]` the output head's weight (tied or not)
@@ -85,7 +85,7 @@ def fused_lm_loss(
     with torch.autocast(dev, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, t, chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0]), dtype, grads)
 
-# %% ../nbs/07b_trainer.ipynb #505e59f7
+# %% ../nbs/07b_trainer.ipynb #e93579e0
 def _has_fused_head(model: nn.Module) -> bool:
     "Can `fused_lm_loss` replace `lm_loss(model(x), y)`: does `model` have `hidden_states` and a bias-free linear `head`?"
     head = getattr(model, "head", None)
@@ -244,7 +244,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = self.epoch = self.batch_in_epoch = self.tokens_seen = 0
         self.history, self.snapshot, self._restore_rng, self.fwd_model = [], None, None, self.model
-        self.fused = self.cfg.fused_loss and loss_func is lm_loss and _has_fused_head(self.model)  # see `_loss`
         self.fwd_hidden = getattr(self.model, "hidden_states", None)
         self.recent_losses = deque(maxlen=DIVERGENCE_WINDOW)  # the last steps' losses, for the divergence guard
         self.train_time, self._t_last, self._out_of_time = 0.0, time.perf_counter(), False  # seconds of `fit` (see `max_time`)
@@ -325,7 +324,13 @@ def _tick(self: Trainer):
         used = self.train_time / self.cfg.max_time
         self.sched.lr_lambdas[0].time_fraction, self._out_of_time = min(1.0, used), used >= 1
 
-# %% ../nbs/07b_trainer.ipynb #07123ab1
+# %% ../nbs/07b_trainer.ipynb #ef74f3c1
+@patch(as_prop=True)
+def fused(self: Trainer) -> bool:
+    "Does `_loss` take the fused path: the default loss, `fused_loss` on, and a model with `hidden_states` and a bias-free `head`?"
+    return self.cfg.fused_loss and self.loss_func is lm_loss and _has_fused_head(self.model)  # (asked each time: a callback may swap `loss_func`)
+
+# %% ../nbs/07b_trainer.ipynb #f9af0ff8
 @patch
 def _loss(self: Trainer,
     xb: torch.Tensor,  # `[B, T]` input ids, on the device
@@ -379,7 +384,7 @@ def fit(self: Trainer):
     if self.cfg.deterministic: torch.use_deterministic_algorithms(True)
     if self.cfg.compile and self.fwd_model is self.model:
         self.fwd_model = torch.compile(self.model)
-        if self.fused: self.fwd_hidden = torch.compile(self.model.hidden_states)
+        if _has_fused_head(self.model): self.fwd_hidden = torch.compile(self.model.hidden_states)
     self._t_last = time.perf_counter()  # the clock of `max_time` runs while `fit` does
     self._out_of_time = bool(self.cfg.max_time) and self.train_time >= self.cfg.max_time
     try:

@@ -84,3 +84,12 @@ def test_compile_with_fused_loss():
     ts = [Trainer(model(), [(x, y)], cfg=dict(FAST, max_steps=1, compile=c), default_cbs=False).fit() for c in (True, False)]
     assert ts[0].fwd_hidden is not ts[0].model.hidden_states  # the trunk ran compiled
     torch.testing.assert_close(ts[0].loss, ts[1].loss, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_func_swapped_after_init_is_used():
+    "A callback (or a user) may replace `loss_func` mid-run: the fused path must not keep computing the old loss."
+    x, y = batch()
+    t = Trainer(model(), [(x, y)], cfg=dict(FAST, max_steps=1), default_cbs=False)
+    assert t.fused
+    t.loss_func = lambda logits, targets: lm_loss(logits, targets) * 0 + 123.0
+    assert not t.fused and t._loss(x, y).item() == 123.0
