@@ -7,15 +7,27 @@ The two loops run in alternating rounds so that a change of machine load hits bo
 MFU = tokens/s x training FLOPs per token (`Transformer.flops_per_token`) / the matmul peak measured in this run for
 the same precision.
 
+Variants of the Trainer (`--variants`) run in the same alternation, to measure each speed trick on its own:
+`plain-loss` (trainer.fused_loss=false: the full logits and F.cross_entropy), `foreach-adamw` (optimiser.fused=false).
+Peak RSS is not measured here (all loops share one process); `--nanogpt` measures it per process.
+
+`--nanogpt` instead runs karpathy/nanoGPT's train.py (NANOGPT_DIR: a checkout) against lp_pretrain through
+../shared/bench/train_vs_nanogpt.py (BENCH_HARNESS overrides its path), in the same alternating rounds, and adds the
+peak RSS of every process (ru_maxrss from wait4) to its results. `--lp` passes extra lp_pretrain overrides.
+`--profile` prints where one Trainer step spends its time (torch.profiler, self CPU time by op).
+
 usage: python bench/train.py [--steps 6] [--rounds 2] [--batch 4] [--device auto] [--precisions fp32,bf16]
+           [--variants plain-loss,foreach-adamw] [--profile]
+       NANOGPT_DIR=/work/nanoGPT python bench/train.py --nanogpt [--iters 12] [--rounds 2] [--lp "model.vocab_size=50304"]
 """
-import argparse, math, statistics, time
+import argparse, functools, importlib.util, math, os, statistics, subprocess, sys, tempfile, time, types
+from pathlib import Path
 
 import torch
 
 from llm_playground.config import get_device, seed_everything
 from llm_playground.optimiser import create_optimiser, create_scheduler
-from llm_playground.trainer import Callback, Trainer, lm_loss
+from llm_playground.trainer import Callback, Trainer, fused_lm_loss
 from llm_playground.transformer import Transformer
 
 
@@ -52,14 +64,19 @@ def batches(n, batch, device, seed=0):
     return [(torch.randint(0, 50257, (batch, 256), generator=g),) * 2 for _ in range(n)]
 
 
+VARIANTS = {"plain-loss": (dict(fused_loss=False), {}), "foreach-adamw": ({}, dict(fused=False))}  # name -> trainer, optimiser overrides
+
+
 def bench(precision, args, device):
-    total = args.rounds * args.steps + 2
+    variants = [v for v in args.variants.split(",") if v]
+    total = args.rounds * args.steps * (2 + len(variants)) + 2 + len(variants)
     data = batches(total, args.batch, device)
     cfg = dict(device=str(device), precision=precision, max_steps=10**9, progress=False, plot=False, log_steps=10, eval_steps=0,
                save_steps=0, sampling=dict(prompts=[], every_epoch=False))
     # the Trainer: default callbacks, no run directory (nothing written), no validation data
     timer = StepTimes()
     t = Trainer(make_model(), data, cfg=cfg, cbs=[timer])
+    others = {v: (Trainer(make_model(), data, cfg={**cfg, **VARIANTS[v][0]}, opt_cfg=VARIANTS[v][1], cbs=[StepTimes()])) for v in variants}
     # the bare loop: same model, same optimiser groups, schedule, clipping and autocast
     model = make_model().to(device)
     opt = create_optimiser(model, None); sched = create_scheduler(opt, total)
@@ -72,19 +89,77 @@ def bench(precision, args, device):
             t0 = time.perf_counter()
             xb, yb = xb.to(device), yb.to(device)
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                loss = lm_loss(model(xb), yb)
+                loss = fused_lm_loss(model.hidden_states(xb), model.head.weight, yb)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(); opt.zero_grad(set_to_none=True); sched.step()
             loss.item(); sync()
             bare_times.append(time.perf_counter() - t0)
-    def trainer_steps(k):
-        t.total_steps = t.step + k; t.fit()
-    bare_steps(1); trainer_steps(1)  # warm-up
+    def trainer_steps(k, tr=t):
+        tr.total_steps = tr.step + k; tr.fit()
+    loops = [bare_steps, trainer_steps] + [functools.partial(trainer_steps, tr=o) for o in others.values()]
+    for f in loops: f(1)  # warm-up
     bare_times.clear(); timer.times.clear()
+    for o in others.values(): o.cbs[-1].times.clear()
     for r in range(args.rounds):
-        for f in ((bare_steps, trainer_steps) if r % 2 == 0 else (trainer_steps, bare_steps)): f(args.steps)
-    return statistics.median(bare_times), statistics.median(timer.times), t.model.flops_per_token(256), t.precision
+        for f in (loops if r % 2 == 0 else loops[::-1]): f(args.steps)
+    if args.profile: profile_step(t)
+    extra = {v: statistics.median(o.cbs[-1].times) for v, o in others.items()}
+    return statistics.median(bare_times), statistics.median(timer.times), t.model.flops_per_token(256), t.precision, extra
+
+
+def profile_step(t, rows=12):
+    "Print the ops one Trainer step spends its time on (self CPU time)."
+    from torch.profiler import profile
+    with profile() as prof: t.total_steps = t.step + 1; t.fit()
+    print(f"\n[{t.precision}] one Trainer step, by op:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def _harness():
+    "The shared side-by-side harness (../shared/bench/train_vs_nanogpt.py), imported as a module."
+    path = Path(os.environ.get("BENCH_HARNESS", Path(__file__).resolve().parents[2]/"shared"/"bench"/"train_vs_nanogpt.py"))
+    if not path.exists(): sys.exit(f"bench/train.py: error: no harness at {path}: set BENCH_HARNESS to train_vs_nanogpt.py")
+    spec = importlib.util.spec_from_file_location("train_vs_nanogpt", path)
+    h = importlib.util.module_from_spec(spec); spec.loader.exec_module(h)
+    return h
+
+
+def _run_measured(peaks):
+    "A `subprocess.run` that also records each child's peak RSS (bytes, from wait4) in `peaks`, keyed by program."
+    def run(cmd, capture_output=False, text=False, check=False, cwd=None, **kw):
+        with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+            out = dict(stdout=fo, stderr=fe) if capture_output else {}
+            p = subprocess.Popen(cmd, cwd=cwd, **out, **kw)
+            _, status, ru = os.wait4(p.pid, 0)
+            rc = os.waitstatus_to_exitcode(status); p.returncode = rc
+            key = "nano" if "--child" in cmd else Path(cmd[0]).name
+            peaks.setdefault(key, []).append(ru.ru_maxrss * 1024)
+            if check and rc: raise subprocess.CalledProcessError(rc, cmd)
+            rd = lambda f: (f.seek(0), f.read().decode() if text else f.read())[1] if capture_output else None
+            return subprocess.CompletedProcess(cmd, rc, rd(fo), rd(fe))
+    return run
+
+
+def nanogpt(args):
+    "lp_pretrain against nanoGPT's train.py through the shared harness, with the peak RSS of every run."
+    h, peaks = _harness(), {}
+    h.subprocess = types.SimpleNamespace(run=_run_measured(peaks), CalledProcessError=subprocess.CalledProcessError)
+    argv = ["train_vs_nanogpt.py", "--iters", str(args.iters), "--rounds", str(args.rounds), "--variants", args.nano_variants]
+    if args.lp: argv += ["--lp", args.lp]
+    sys.argv, rss = argv, {}
+    orig_nano, orig_lp = h.run_nano, h.run_lp
+    def nano(nano_dir, nd, work, iters, autocast):
+        n = len(peaks.get("nano", [])); r = orig_nano(nano_dir, nd, work, iters, autocast)
+        rss.setdefault("nano-" + ("bf16" if autocast else "fp32"), []).extend(peaks["nano"][n:]); return r
+    def lp(data, work, iters, precision, extra):
+        n = len(peaks.get("lp_pretrain", [])); r = orig_lp(data, work, iters, precision, extra)
+        rss.setdefault("lp-" + precision, []).extend(peaks["lp_pretrain"][n:]); return r
+    h.run_nano, h.run_lp = nano, lp
+    h.main()
+    base = max(rss.get("nano-fp32", [0]))
+    for v, xs in rss.items():
+        print(f"PEAK_RSS {v}: {max(xs) / 2**30:.2f} GiB" + (f", {max(xs) / base:.2f}x nano-fp32" if base else ""))
 
 
 def main():
@@ -94,7 +169,14 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
     p.add_argument("--device", default="auto")
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--variants", default="plain-loss,foreach-adamw", help=f"Trainer variants to time too: {', '.join(VARIANTS)} (empty: none)")
+    p.add_argument("--profile", action="store_true", help="print a profile of one Trainer step")
+    p.add_argument("--nanogpt", action="store_true", help="compare lp_pretrain with nanoGPT (NANOGPT_DIR) instead")
+    p.add_argument("--iters", type=int, default=12, help="--nanogpt: steps per run (the first 3 not timed)")
+    p.add_argument("--nano-variants", default="nano-fp32,nano-bf16,lp-fp32,lp-bf16", help="--nanogpt: the harness's variants")
+    p.add_argument("--lp", default="", help="--nanogpt: extra lp_pretrain overrides")
     args = p.parse_args()
+    if args.nanogpt: return nanogpt(args)
     device = get_device(args.device)
     seed_everything(0)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; model 6 layers x 384, context 256, "
@@ -102,15 +184,16 @@ def main():
     rows = []
     for prec in args.precisions.split(","):
         peak = matmul_peak(device, torch.bfloat16 if prec == "bf16" else torch.float16 if prec == "fp16" else torch.float32)
-        bare, trainer, fpt, resolved = bench(prec, args, device)
+        bare, trainer, fpt, resolved, extra = bench(prec, args, device)
         tok = args.batch * 256
-        for name, dt in (("bare loop", bare), ("Trainer", trainer)):
+        for name, dt in (("bare loop", bare), ("Trainer", trainer), *extra.items()):
             tps = tok / dt
             rows.append((resolved, name, dt, tps, tps * fpt / peak, peak))
-        print(f"[{resolved}] matmul peak {peak/1e9:.1f} GFLOP/s; Trainer overhead vs bare loop: {100 * (trainer / bare - 1):+.1f}%")
-    print(f"\n{'precision':<10}{'loop':<11}{'s/step':>8}{'tokens/s':>10}{'MFU':>8}{'peak GFLOP/s':>14}")
+        print(f"[{resolved}] matmul peak {peak/1e9:.1f} GFLOP/s; Trainer overhead vs bare loop: {100 * (trainer / bare - 1):+.1f}%"
+              + "".join(f"; {v}: {dt / trainer:.2f}x the Trainer's s/step" for v, dt in extra.items()))
+    print(f"\n{'precision':<10}{'loop':<15}{'s/step':>8}{'tokens/s':>10}{'MFU':>8}{'peak GFLOP/s':>14}")
     for prec, name, dt, tps, mfu, peak in rows:
-        print(f"{prec:<10}{name:<11}{dt:>8.3f}{tps:>10.0f}{100 * mfu:>7.1f}%{peak / 1e9:>14.1f}")
+        print(f"{prec:<10}{name:<15}{dt:>8.3f}{tps:>10.0f}{100 * mfu:>7.1f}%{peak / 1e9:>14.1f}")
     by = {(r[0], r[1]): r[3] for r in rows}
     if ("fp32", "Trainer") in by and ("bf16", "Trainer") in by:
         print(f"\nbf16 autocast vs fp32 (Trainer): {by[('bf16', 'Trainer')] / by[('fp32', 'Trainer')]:.2f}x the tokens/s")

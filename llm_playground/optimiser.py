@@ -47,6 +47,7 @@ class OptimiserConfig:
     weight_decay: float = 0.1  # decay of weight matrices (not of biases, norms, embeddings)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's moment decay rates
     eps: float = 1e-8  # AdamW's denominator guard
+    fused: bool = True  # AdamW: one fused kernel updates every parameter (torch's `fused=True`), where the device has it
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = False  # SGD: Nesterov momentum
     schedule: str = "cosine"  # cosine, linear or constant (after the warmup)
@@ -56,6 +57,13 @@ class OptimiserConfig:
     ranges: ClassVar[dict] = dict(lr="> 0", weight_decay=">= 0", betas="[0, 1)", eps="> 0", momentum="[0, 1)", warmup_steps=">= 0",
                                   warmup_ratio="[0, 1]", min_lr_ratio="[0, 1]")  # checked by `validate_config`
 
+# %% ../nbs/07a_optimiser.ipynb #89389011
+def _can_fuse(groups: list[dict]) -> bool:
+    "Do all parameters of `groups` sit on a device with fused optimiser kernels, in a floating-point dtype?"
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    ok = set(_get_fused_kernels_supported_devices())
+    return all(p.device.type in ok and p.is_floating_point() for g in groups for p in g["params"])
+
 # %% ../nbs/07a_optimiser.ipynb #e7e0feb9
 def create_optimiser(
     model: nn.Module,  # the model to train
@@ -64,7 +72,7 @@ def create_optimiser(
     "The optimiser `cfg` describes, over `param_groups(model)`."
     cfg = validate_config(cfg, OptimiserConfig, "optimiser")
     groups = param_groups(model, cfg.weight_decay)
-    if cfg.name == "adamw": return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "adamw": return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused and _can_fuse(groups))
     if cfg.name == "sgd": return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     raise ConfigError(f"Unknown optimiser.name '{cfg.name}': use adamw or sgd.")
 
