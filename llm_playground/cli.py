@@ -26,7 +26,7 @@ from .trainer import NonFiniteLossError, Trainer, TrainerConfig
 from .checkpoint import (CheckpointError, CorruptCheckpointError, _candidates, _first_good, find_checkpoint,
                                        list_checkpoints, load_weights, make_run_dir, verify_checkpoint)
 from .transformer import ModelConfig, Transformer, model_config, model_preset
-from .utils import DirLock, atomic_write, run_cli
+from .utils import DirLock, atomic_write, missing_folders, remove_empty_folders, run_cli
 
 # %% ../nbs/08_cli.ipynb #827a65b1
 def _default_model() -> ModelConfig:
@@ -161,7 +161,7 @@ def _open_run_dir(cfg: DictConfig, ckpt: Path | None, snapshot: DictConfig) -> t
     "The run directory (a new one, or the resumed run's), locked, with `config.yaml` written; a new one is removed if that fails."
     if ckpt is not None: run_dir, made = ckpt.parent.parent, []
     else:
-        made = _missing_folders(Path(cfg.trainer.output_dir)/cfg.trainer.experiment_name)
+        made = missing_folders(Path(cfg.trainer.output_dir)/cfg.trainer.experiment_name)
         run_dir = make_run_dir(cfg.trainer.output_dir, cfg.trainer.experiment_name, cfg.trainer.seed)
         made.insert(0, run_dir)
     lock = DirLock(run_dir, "lp_pretrain")
@@ -175,18 +175,10 @@ def _open_run_dir(cfg: DictConfig, ckpt: Path | None, snapshot: DictConfig) -> t
     return run_dir, lock, made
 
 # %% ../nbs/08_cli.ipynb #5b0a0027
-def _missing_folders(d: Path) -> list[Path]:
-    "The folders on the way to `d` (`d` included) that do not exist yet, deepest first."
-    out = []
-    while not d.exists() and d != d.parent: out.append(d); d = d.parent
-    return out
-
 def _remove_new(made: list[Path]):
     "Remove the folders a new run created (deepest first: the run directory with its files, then its parents if left empty)."
     if made: shutil.rmtree(made[0], ignore_errors=True)
-    for d in made[1:]:
-        try: d.rmdir()
-        except OSError: break
+    remove_empty_folders(made[1:])
 
 # %% ../nbs/08_cli.ipynb #5a0c0007
 def pretrain(

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, hydra_main, validate_config
 from .tokenizer import ENDOFTEXT
-from .utils import UserError, atomic_write, describe_os_error, file_sha256, run_cli, temp_path_for
+from .utils import (UserError, atomic_write, describe_os_error, file_sha256, missing_folders, remove_empty_folders,
+                                  run_cli, temp_path_for)
 
 # %% ../nbs/02a_corpus.ipynb #0735b6ea
 @dataclass
@@ -90,19 +91,6 @@ def write_python_docs(
 class CorpusError(UserError):
     "A corpus could not be downloaded, or its bytes are not the pinned ones; nothing was written."
 
-# %% ../nbs/02a_corpus.ipynb #d8b30001
-def _missing_folders(d: Path) -> list[Path]:
-    "The folders on the way to `d` (`d` included) that do not exist yet, deepest first."
-    out = []
-    while not d.exists() and d != d.parent: out.append(d); d = d.parent
-    return out
-
-def _remove_empty(folders: list[Path]):
-    "Remove `folders` (deepest first) while they are empty."
-    for d in folders:
-        try: d.rmdir()
-        except OSError: break
-
 # %% ../nbs/02a_corpus.ipynb #033a103e
 def download_text(
     url: str,  # where to download from (`https://`, `http://` or `file://`)
@@ -119,7 +107,7 @@ def download_text(
             return dest
         raise CorpusError(f"{dest} exists but is not the pinned file (sha256 {have}, pinned {want}): it was kept and nothing was "
                           "downloaded. Move or delete it to download the pinned file, or set corpus.filename to another name.")
-    made = _missing_folders(dest.parent)
+    made = missing_folders(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp, h, n, done = temp_path_for(dest), hashlib.sha256(), 0, False
     try:
@@ -136,7 +124,7 @@ def download_text(
         raise CorpusError(f"Could not {'copy' if url.startswith('file:') else 'download'} {url} to {dest}: {why}. Nothing was written.") from None
     finally:
         tmp.unlink(missing_ok=True)
-        if not done: _remove_empty(made)
+        if not done: remove_empty_folders(made)
     if verbose: print(f"{dest}: {'copied' if url.startswith('file:') else 'downloaded'} {n:,} bytes from {url} (sha256 ok)")
     return dest
 
