@@ -59,3 +59,15 @@ def test_python_trainer_uses_the_cli_settings(project):
     assert [g["lr"] for g in py.opt.param_groups] == [g["lr"] for g in cli.opt.param_groups]
     assert [py.sched.lr_lambdas[0](s) for s in range(py.total_steps)] == [cli.sched.lr_lambdas[0](s) for s in range(cli.total_steps)]
     assert py.model.cfg == cli.model.cfg
+
+
+def test_compose_after_a_notebook_redefined_model_config():
+    """nbdev_test reuses worker processes: after 05_model (which defines and stores its own ModelConfig) ran in one, composing
+    pretrain there must still work (it failed with 'ModelConfig is not a subclass of ModelConfig')."""
+    import dataclasses, subprocess, sys
+    code = ("import dataclasses\nfrom hydra.core.config_store import ConfigStore\nimport llm_playground.transformer as T\n"
+            "Fake = dataclasses.make_dataclass('ModelConfig', [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(T.ModelConfig)])\n"
+            "ConfigStore.instance().store(group='model', name='model_schema', node=Fake)\n"
+            "from llm_playground.config import compose_config\nprint(compose_config('pretrain', ['trainer.num_epochs=5']).trainer.num_epochs)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "5", r.stderr
