@@ -65,7 +65,7 @@ def token_nll(
     wins = score_windows(n, C, stride or max(1, C // 2))
     L, dev = min(C, n), next(model.parameters()).device
     was_training = model.training; model.eval()
-    out = np.empty(n, dtype=np.float64)
+    out, done = np.empty(n, dtype=np.float64), 0  # `done`: targets scored so far (the windows score them in order)
     try:
         for b in tqdm(range(0, len(wins), batch_size), disable=not progress, unit="batch"):
             batch = wins[b:b + batch_size]
@@ -77,8 +77,8 @@ def token_nll(
             for c in range(0, len(rows), chunk):
                 logits = model.head(hs[c:c + chunk]).float()
                 nll.append(F.cross_entropy(logits, tgt[c:c + chunk], reduction="none"))
-            done = sum(n_ for _, n_ in wins[:b])
             out[done:done + len(tgt)] = torch.cat(nll).double().cpu().numpy()
+            done += len(tgt)
     finally: model.train(was_training)
     return out
 
