@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['LOCK_FILE', 'temp_path_for', 'is_temp_file', 'fsync_path', 'atomic_write', 'missing_folders', 'remove_empty_folders',
-           'file_sha256', 'UserError', 'DataError', 'describe_os_error', 'run_cli', 'LockError', 'DirLock', 'dir_lock']
+           'file_sha256', 'UserError', 'DataError', 'describe_os_error', 'run_cli', 'one_line_warnings', 'LockError',
+           'DirLock', 'dir_lock']
 
 # %% ../nbs/00a_utils.ipynb #14a9c4e2
-import errno, hashlib, os, re, sys
+import contextlib, errno, hashlib, os, re, sys, warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -132,7 +133,8 @@ def run_cli(
     interrupted: str = "",  # what to tell the user after Ctrl-C (what was kept, how to continue)
 ) -> Any:  # what `fn` returns
     "Run `fn(*args)` as a console script: user errors in one line (exit 2 for config, 1 otherwise), Ctrl-C exits 130."
-    try: return fn(*args)
+    try:
+        with one_line_warnings(prog): return fn(*args)
     except ConfigError as e: _fail(prog, e, 2)
     except UserError as e: _fail(prog, e, 1)
     except OSError as e: _fail(prog, describe_os_error(e), 1)
@@ -146,6 +148,19 @@ def _fail(prog: str, e: Exception, status: int):
     "Print `e` as one `prog: error:` line on stderr and exit with `status`."
     print(f"{prog}: error: {e}", file=sys.stderr)
     sys.exit(status)
+
+# %% ../nbs/00a_utils.ipynb #3e0f0102
+@contextlib.contextmanager
+def one_line_warnings(prog: str):  # the command's name, for messages
+    "While inside, show each distinct warning once, as one `prog: warning: message` line on stderr."
+    seen, show = set(), warnings.showwarning
+    def _show(message, category, filename, lineno, file=None, line=None):
+        if str(message) not in seen: seen.add(str(message)); print(f"{prog}: warning: {message}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # every occurrence reaches `_show`, which keeps the first of each message
+        warnings.showwarning = _show
+        try: yield
+        finally: warnings.showwarning = show
 
 # %% ../nbs/00a_utils.ipynb #3e0f0021
 class LockError(UserError):
