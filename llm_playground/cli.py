@@ -275,7 +275,7 @@ class SampleConfig:
     "Schema of `sample.yaml`: which model, which prompts, how to sample."
     checkpoint: Optional[str] = "latest"  # a run directory, a checkpoint folder, or `latest` (the newest run under ${root:models})
     prompt: Optional[str] = None  # one prompt (shortcut for `prompts`)
-    prompts: List[str] = field(default_factory=lambda: ["The", "In Python,"])  # prompts to continue
+    prompts: Optional[List[str]] = None  # prompts to continue (None: the run's own, `trainer.sampling.prompts`)
     max_new_tokens: int = 100  # tokens generated per prompt
     temperature: float = 0.8  # 0: greedy
     top_k: Optional[int] = 50  # sample among the k most likely tokens (None: all)
@@ -317,7 +317,7 @@ def _check_sample_config(c: DictConfig) -> DictConfig:
     if c.quantize not in (None, "int8"): raise ConfigError(f"quantize must be int8 or null, got {c.quantize!r}.")
     try: processors_from_config(c.temperature, c.top_k, c.top_p, c.repetition_penalty)
     except ValueError as e: raise ConfigError(f"Invalid sampling option: {e}.") from None
-    if c.prompt is None and not c.prompts: raise ConfigError("No prompt: give prompt=\"...\" or prompts=[...].")
+    if c.prompt is None and c.prompts is not None and not c.prompts: raise ConfigError("No prompt: give prompt=\"...\" or prompts=[...].")
     return c
 
 # %% ../nbs/08_cli.ipynb #5a0c0011
@@ -328,11 +328,13 @@ def sample(
     "Generate from the prompts of `cfg` with the model it names, printing each prompt and its continuation."
     c = _check_sample_config(validate_config(cfg, SampleConfig, where=""))
     out = out or sys.stdout
-    model, tokenizer, _ = load_model(c.checkpoint, c.device)
+    model, tokenizer, run_cfg = load_model(c.checkpoint, c.device)
     if c.quantize == "int8": model = quantize_int8(model)
     if c.seed is None: c.seed = int(torch.randint(0, 2**31 - 1, ()).item())
     texts = []
-    for p in ([c.prompt] if c.prompt is not None else list(c.prompts)):
+    prompts = [c.prompt] if c.prompt is not None else list(c.prompts) if c.prompts is not None else \
+              list(OmegaConf.select(run_cfg, "trainer.sampling.prompts") or ["The"])  # the prompts the run sampled from
+    for p in prompts:
         if c.stream: texts.append(_stream_one(model, tokenizer, p, c, out))
         else:
             texts.append(_generate_one(model, tokenizer, p, c))
