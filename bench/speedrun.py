@@ -13,10 +13,8 @@ base given with --base); the data are prepared once per tokenizer setting and ca
 Prints one row per variant (process wall-clock, optimiser steps, held-out bits per byte) and appends it as JSON to
 <work>/results.jsonl. Run nothing else meanwhile: the budget is wall-clock, so a busy machine trains fewer steps.
 """
-import argparse, hashlib, json, lzma, os, re, shlex, subprocess, sys, tempfile, time
+import argparse, hashlib, json, lzma, os, shlex, subprocess, sys, tempfile, time
 from pathlib import Path
-
-TOKENIZER_KEYS = ("tokenizer", "tokenizer.")  # overrides that change how the data are tokenized
 
 
 def split(text_path: Path, work: Path):
@@ -60,7 +58,6 @@ def variant(work: Path, raw: Path, val: Path, base: str, overrides: list[str], b
             "trainer.progress=false", "trainer.plot=false", *overrides, cwd=work)
     dt = time.perf_counter() - t
     if p.returncode: return dict(name=name, overrides=overrides, error=p.stderr.strip().splitlines()[-1:])
-    steps = [int(m.group(1)) for m in re.finditer(r"step\s+(\d+)", p.stdout + p.stderr)]
     run_dir = max((models / name).glob("*"), key=lambda d: d.stat().st_mtime)
     out = work / f"eval_{name}.json"
     e = run("lp_eval", f"checkpoint={run_dir}", f"text={val}", f"out={out}", "progress=false", cwd=work)

@@ -186,7 +186,7 @@ SUMMARY_MAX_BATCHES = 1000  # the end-of-run summary evaluates the whole validat
 
 def split_text(
     spec,  # a `dataset.train`/`dataset.validation` value: a split folder, a `.bin` shard or `.txt` file, or a list of these
-) -> str | None:  # the text of the documents (end-of-text markers removed), or None if some part has no text file
+) -> str | None:  # the text of the documents (end-of-text markers removed); None if a part has no text file, or above `XZ_MAX_BYTES`
     "The text a dataset split was made from: the `.txt` that `lp_preprocess` writes beside each `.bin` shard."
     if spec is None: return None
     files = []
@@ -332,8 +332,8 @@ def sample(
     if c.quantize == "int8": model = quantize_int8(model)
     if c.seed is None: c.seed = int(torch.randint(0, 2**31 - 1, ()).item())
     texts = []
-    prompts = [c.prompt] if c.prompt is not None else list(c.prompts) if c.prompts is not None else \
-              list(OmegaConf.select(run_cfg, "trainer.sampling.prompts") or ["The"])  # the prompts the run sampled from
+    prompts = [c.prompt] if c.prompt is not None else list(c.prompts if c.prompts is not None else run_cfg.trainer.sampling.prompts)
+    if not prompts: raise ConfigError("No prompt, and the run has no sampling prompts of its own: give prompt=\"...\" or prompts=[...].")
     for p in prompts:
         if c.stream: texts.append(_stream_one(model, tokenizer, p, c, out))
         else:

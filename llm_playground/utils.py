@@ -153,14 +153,12 @@ def _fail(prog: str, e: Exception, status: int):
 @contextlib.contextmanager
 def one_line_warnings(prog: str):  # the command's name, for messages
     "While inside, show each distinct warning once, as one `prog: warning: message` line on stderr."
-    seen, show = set(), warnings.showwarning
+    seen = set()
     def _show(message, category, filename, lineno, file=None, line=None):
         if str(message) not in seen: seen.add(str(message)); print(f"{prog}: warning: {message}", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")  # every occurrence reaches `_show`, which keeps the first of each message
+    with warnings.catch_warnings():  # puts `showwarning` (and the filters) back on the way out
         warnings.showwarning = _show
-        try: yield
-        finally: warnings.showwarning = show
+        yield
 
 # %% ../nbs/00a_utils.ipynb #3e0f0021
 class LockError(UserError):
