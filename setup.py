@@ -17,6 +17,9 @@ py_versions = '3.10 3.11 3.12 3.13'.split()
 
 requirements = cfg.get('requirements', '').split()
 dev_requirements = cfg.get('dev_requirements', '').split()
+# Optional integrations: every `<name>_requirements` key of settings.ini is the extra `<name>` (pip install -e ".[tensorboard]").
+extras = {k[:-len('_requirements')]: cfg[k].split() for k in cfg if k.endswith('_requirements') and k != 'dev_requirements'}
+extras = {k.replace('_', '-'): v for k, v in extras.items() if k}
 min_python = cfg['min_python']
 lib = cfg['lib_name']
 console_scripts = [s.strip() for s in cfg.get('console_scripts', '').splitlines() if s.strip()]
@@ -34,7 +37,7 @@ setuptools.setup(
     package_data={lib: ['configs/*.yaml', 'configs/**/*.yaml', 'data/*']},
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={**extras, 'dev': dev_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
