@@ -66,7 +66,8 @@ class SampleCB(Callback):
         return out
     def _run(self, t):
         if t.tokenizer is None or not self.cfg.prompts or getattr(self, "_last", None) == t.step: return
-        self._last, texts = t.step, self.sample(t)
+        self._last, texts = t.step, self.sample(t)  # (every process samples: under FSDP the model runs only all together)
+        if not getattr(t, "is_main", True): return
         for p, s in zip(self.cfg.prompts, texts):
             if self.cfg.show: _write(f"[step {t.step}] {p!r} -> {p + s!r}")
             if self.cfg.save and t.run_dir is not None:
@@ -90,7 +91,7 @@ def _interactive() -> bool:
 # %% ../nbs/07c_callbacks.ipynb #baaf4c06
 class ProgressCB(Callback):
     "A progress bar over the optimiser steps, showing the loss; evaluation results printed above it; plain lines in a log."
-    order = 50
+    order, main_only = 50, True  # (with several processes: one bar, the main process's)
     def __init__(self,
                  refresh_steps: int = 1,  # steps between postfix updates of the bar
                  plain: bool | None = None,  # one line per logged step instead of a bar (None: when output is not a terminal or notebook)
@@ -153,7 +154,7 @@ def plot_metrics(
 # %% ../nbs/07c_callbacks.ipynb #998ff86d
 class PlotCB(Callback):
     "Save run_dir/loss.png after an evaluation (at most every `min_interval` seconds) and at the end of training."
-    order = 60
+    order, main_only = 60, True
     def __init__(self, min_interval: float = 30.0): self.min_interval = min_interval  # seconds between redraws during training
     def before_fit(self, t): self._ev, self._t = getattr(t, "last_eval", None), time.perf_counter()
     def after_step(self, t):

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .callbacks import EvalCB, MetricsCB, PlotCB, ProgressCB, SampleCB
-from .config import validate_config
+from .config import ConfigError, seed_everything, validate_config
 from .optimiser import LRSchedule, create_optimiser, warmup_steps_for
 from .trainer import Callback, TrainerConfig
 from .utils import UserError, atomic_write, file_sha256, fsync_path
@@ -66,12 +66,26 @@ def _write_file(path: Path, write: Callable[[Path], Any]):
     if (d := float(os.environ.get(CKPT_DELAY_ENV, 0) or 0)) > 0: time.sleep(d)
 
 # %% ../nbs/07d_checkpoint.ipynb #7d0d0007
+def _gather(t, obj) -> list:
+    "`obj` from every process of `t`'s run, in rank order (`[obj]` for one process)."
+    if getattr(t, "world_size", 1) == 1: return [obj]
+    out = [None] * t.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+def _global_batch(t) -> int | None:
+    "Windows per optimiser step over all processes: batch_size x grad_accum_steps x processes (None: unknown)."
+    b = getattr(t.train_dl, "batch_size", None)
+    return b * t.accum * getattr(t, "world_size", 1) if isinstance(b, int) else None
+
 def _checkpoint_state(t) -> dict:
-    "What `state.pt` holds: the counters, schedule, scaler, random state and data position of the `Trainer` `t`."
+    "What `state.pt` holds: the counters, schedule, scaler, random states (of every process) and data position of the `Trainer` `t`."
+    rngs = _gather(t, rng_state())  # (with several processes, every one of them must call this)
     return dict(step=t.step, epoch=t.epoch, batch_in_epoch=t.batch_in_epoch, tokens_seen=t.tokens_seen,
-                scheduler=t.sched.state_dict(), scaler=t.scaler.state_dict(), rng=rng_state(),
+                scheduler=t.sched.state_dict(), scaler=t.scaler.state_dict(), rng=rngs[0], rng_ranks=rngs[1:],
                 data=t.train_dl.state_dict() if hasattr(t.train_dl, "state_dict") else None,
-                losses=list(getattr(t, "recent_losses", ())), train_time=float(getattr(t, "train_time", 0.0)))
+                losses=list(getattr(t, "recent_losses", ())), train_time=float(getattr(t, "train_time", 0.0)),
+                world_size=getattr(t, "world_size", 1), global_batch=_global_batch(t))
 
 # %% ../nbs/07d_checkpoint.ipynb #7d0d0009
 def _swap_in(tmp: Path, final: Path):
@@ -131,13 +145,15 @@ def save_checkpoint(
     parent = Path(ckpt_dir) if ckpt_dir is not None else t.run_dir/"checkpoints"
     name = f"step_{t.step:08d}"
     final, tmp = parent/name, parent/f".tmp_{name}"
+    state = _checkpoint_state(t)  # every process takes part (it gathers their random states); only the main one writes
+    if not getattr(t, "is_main", True): return final
     try:
         parent.mkdir(parents=True, exist_ok=True)
         for old in parent.glob(".tmp_*"): shutil.rmtree(old, ignore_errors=True)  # leftovers of a killed writer
         tmp.mkdir()
         _write_file(tmp/"model.safetensors", lambda p: _save_safetensors(t.model, str(p)))
         _write_file(tmp/"optimizer.pt", lambda p: _torch_save(t.opt.state_dict(), p))
-        _write_file(tmp/"state.pt", lambda p: _torch_save(_checkpoint_state(t), p))
+        _write_file(tmp/"state.pt", lambda p: _torch_save(state, p))
         if t.snapshot is not None: _write_file(tmp/"config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(t.snapshot), encoding="utf-8"))
         ev = getattr(t, "last_eval", None)
         meta = dict(format=1, step=t.step, epoch=t.epoch, tokens_seen=t.tokens_seen,
@@ -337,20 +353,40 @@ def _check_state(st, f: Path) -> dict:
     return st
 
 # %% ../nbs/07d_checkpoint.ipynb #7d0d0047
+def _check_global_batch(t, st: dict, path: Path):
+    "Refuse to continue a checkpoint with another number of windows per optimiser step (its schedule and data position would not fit)."
+    old, new = st.get("global_batch"), _global_batch(t)
+    if old is None or new is None or old == new: return
+    b, a, w = t.train_dl.batch_size, t.accum, getattr(t, "world_size", 1)
+    fix = [f"dataset.batch_size={old // (a * w)}"] if old % (a * w) == 0 else []
+    fix += [f"trainer.grad_accum_steps={old // (b * w)}"] if old % (b * w) == 0 else []
+    raise ConfigError(f"{path} was trained with {old} windows per optimiser step (batch_size x grad_accum_steps x {st.get('world_size', 1)} "
+                      f"process(es)); this run has {new} ({b} x {a} x {w}). To continue it, keep the product"
+                      + (f", e.g. with {' or '.join(fix)}." if fix else "."))
+
+def _restore_rank_rng(t, st: dict):
+    "Restore this process's random state; with another number of processes than saved, the new ranks get fresh seeded streams."
+    ranks, rank = [st["rng"], *(st.get("rng_ranks") or [])], getattr(t, "rank", 0)
+    if len(ranks) == getattr(t, "world_size", 1) or rank == 0: return set_rng_state(ranks[0] if rank == 0 else ranks[rank])
+    seed_everything((t.cfg.seed * 1_000_003 + rank * 7_919 + t.step) % 2**32)  # (dropout masks: not those of the saved run)
+
 def _load_into(t, path: Path) -> Path:
     "Verify the checkpoint `path`, then restore everything of it into the `Trainer` `t`."
     meta = verify_checkpoint(path)
     opt_sd = _torch_load(path/"optimizer.pt", t.device)
     st = _check_state(_torch_load(path/"state.pt", "cpu"), path/"state.pt")
+    _check_global_batch(t, st, path)
     load_weights(t.model, path)
     _read(path/"optimizer.pt", lambda: t.opt.load_state_dict(opt_sd))
     _read(path/"state.pt", lambda: (t.sched.load_state_dict(st["scheduler"]), t.scaler.load_state_dict(st["scaler"])))
     t.train_time = float(st.get("train_time", 0.0))  # the clock of a time budget continues (older checkpoints: from 0)
     _apply_optimiser_config(t)  # this run's optimiser settings win over the saved ones (a resume may lower the lr)
     t.step, t.epoch, t.batch_in_epoch, t.tokens_seen = st["step"], st["epoch"], st["batch_in_epoch"], st["tokens_seen"]
+    if st.get("world_size", 1) != getattr(t, "world_size", 1) and isinstance(st.get("data"), dict):  # another number of processes:
+        t.batch_in_epoch = -(-st["data"]["samples_yielded"] // (t.train_dl.batch_size * t.world_size))  # its batches so far
     if t.batch_in_epoch >= len(t.train_dl): t.epoch, t.batch_in_epoch = t.epoch + 1, 0  # the epoch (and its callbacks) ran
     if st.get("data") is not None and hasattr(t.train_dl, "load_state_dict"): _read(path/"state.pt", lambda: t.train_dl.load_state_dict(st["data"]))
-    t._restore_rng = lambda: set_rng_state(st["rng"])  # run by the loop once the data loader is in place
+    t._restore_rng = lambda: _restore_rank_rng(t, st)  # run by the loop once the data loader is in place
     t.recent_losses = deque(st.get("losses", []), maxlen=t.recent_losses.maxlen)  # the divergence guard's running level
     t.last_eval = dict(step=t.step, val_loss=meta["val_loss"]) if meta.get("val_loss") is not None else None
     return path
@@ -364,7 +400,7 @@ def load_checkpoint(
     "Restore the model, optimiser, schedule, counters, data position and random state of a checkpoint into `t`."
     fallback = t.cfg.resume_fallback if fallback is None else fallback
     path = _first_good(_candidates(Path(path), fallback), lambda c: _load_into(t, c), fallback)
-    if t.run_dir is not None: _truncate_metrics(t.run_dir, t.step)
+    if t.run_dir is not None and getattr(t, "is_main", True): _truncate_metrics(t.run_dir, t.step)
     t.resumed_from = path
     return path
 
@@ -405,8 +441,8 @@ class CheckpointCB(Callback):
         "Save a checkpoint of this step (once) into the run directory, then prune."
         if t.run_dir is None or self._saved == t.step: return
         t.check_weights()  # a diverging run stops here, without saving
-        t.last_checkpoint, self._saved = t.save_checkpoint(), t.step
-        prune_checkpoints(t.run_dir, self.keep_last, self.keep_best)
+        t.last_checkpoint, self._saved = t.save_checkpoint(), t.step  # (every process: see `save_checkpoint`)
+        if getattr(t, "is_main", True): prune_checkpoints(t.run_dir, self.keep_last, self.keep_best)
     def _due(self, t) -> bool: return bool(self.save_steps) and t.step % self.save_steps == 0
     def after_step(self, t):
         if self._due(t) and t.batch_in_epoch < len(t.train_dl): self.save(t)  # an epoch's last step: in after_epoch

@@ -8,7 +8,7 @@ __all__ = ['XZ_MAX_BYTES', 'SUMMARY_MAX_BATCHES', 'PretrainConfig', 'validate_pr
            'pretrain_main', 'load_model', 'SampleConfig', 'sample', 'sample_main', 'main']
 
 # %% ../nbs/08_cli.ipynb #3102acee
-import json, shutil, sys
+import contextlib, json, shutil, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, List, Optional, Sequence
@@ -26,6 +26,7 @@ from .trainer import NonFiniteLossError, Trainer, TrainerConfig
 from .checkpoint import (CheckpointError, CorruptCheckpointError, _candidates, _first_good, find_checkpoint,
                                        list_checkpoints, load_weights, make_run_dir, verify_checkpoint)
 from .transformer import ModelConfig, Transformer, model_config, model_preset
+from .distributed import close_distributed, init_distributed
 from .utils import DirLock, atomic_write, missing_folders, remove_empty_folders, run_cli
 
 # %% ../nbs/08_cli.ipynb #827a65b1
@@ -143,18 +144,29 @@ def prepare_run(
 ) -> Trainer:  # a trainer ready to `fit`: its run directory written (`config.yaml`) and locked (`trainer.run_lock`), its checkpoint loaded if resuming
     "Everything `lp_pretrain` does before training: validate, seed, build the pieces, then make (or reuse) and lock the run directory."
     cfg = validate_pretrain_config(cfg)
+    rank, world = init_distributed(cfg.trainer.device)  # under torchrun: join the other processes (chapter 07e)
     ckpt = None
     if cfg.resume: cfg, ckpt = resume_config(cfg, overrides)
     seed_everything(cfg.trainer.seed)
     tokenizer, tok_cfg = tokenizer_for_data(cfg.tokenizer, cfg.dataset.train, base_dir=ckpt.parent.parent if ckpt is not None else None)
     cfg.tokenizer = OmegaConf.create(tok_cfg)  # names a trained tokenizer's file and sha256: config.yaml rebuilds exactly it
     check_compatible(cfg, tokenizer)
-    train_dl, valid_dl = dataloaders_from_config(cfg.dataset, tokenizer)
+    train_dl, valid_dl = dataloaders_from_config(cfg.dataset, tokenizer, rank, world)  # this process's share
     trainer = Trainer(Transformer(cfg.model), train_dl, valid_dl, cfg.trainer, cfg.optimiser, tokenizer=tokenizer)
+    if rank: seed_everything(cfg.trainer.seed + rank)  # dropout: other masks on each process (rank 0 goes on as one process would)
     trainer.snapshot = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "resume"})
-    trainer.run_dir, trainer.run_lock, trainer.new_dirs = _open_run_dir(cfg, ckpt, trainer.snapshot)  # every input checked: now write
+    if trainer.is_main: trainer.run_dir, trainer.run_lock, trainer.new_dirs = _open_run_dir(cfg, ckpt, trainer.snapshot)  # every input checked: now write
+    else: trainer.run_lock, trainer.new_dirs = contextlib.nullcontext(), []
+    if world > 1: trainer.run_dir = Path(_from_main(str(trainer.run_dir) if trainer.is_main else None))
     if ckpt is not None: trainer.load_checkpoint(ckpt)
     return trainer
+
+# %% ../nbs/08_cli.ipynb #5b0a0e01
+def _from_main(obj):
+    "`obj` as the main process has it, on every process (with several processes; the others pass anything)."
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 # %% ../nbs/08_cli.ipynb #5b0a0019
 def _open_run_dir(cfg: DictConfig, ckpt: Path | None, snapshot: DictConfig) -> tuple[Path, DirLock, list[Path]]:
@@ -216,9 +228,11 @@ def pretrain(
     "Train (or resume) a model as the config says; the run directory is `trainer.run_dir`."
     trainer = prepare_run(cfg, overrides)
     run_dir, resumed = trainer.run_dir, getattr(trainer, "resumed_from", None)
-    print(f"Resuming {run_dir} from step {trainer.step} ({resumed.name})." if resumed else f"Run directory: {run_dir}")
+    say = print if trainer.is_main else lambda *a, **k: None  # (with several processes, the main one speaks)
+    say(f"Resuming {run_dir} from step {trainer.step} ({resumed.name})." if resumed else f"Run directory: {run_dir}")
+    ranks = f" x {trainer.world_size} processes ({trainer.cfg.distributed})" if trainer.world_size > 1 else ""
     budget = f" (or {trainer.cfg.max_time:g} s of training, whichever ends first)" if trainer.cfg.max_time else ""
-    print(f"Model: {trainer.model.num_params():,} parameters; {trainer.total_steps} optimiser steps{budget} on {trainer.device} in {trainer.precision}.")
+    say(f"Model: {trainer.model.num_params():,} parameters; {trainer.total_steps} optimiser steps{budget} on {trainer.device}{ranks} in {trainer.precision}.")
     with trainer.run_lock:
         try: trainer.fit()
         except BaseException as e:
@@ -232,13 +246,13 @@ def pretrain(
         ev = trainer.evaluate(max_batches=len(dl))  # the summary (and the comparison with xz) covers the whole validation split
     trainer.final_eval = ev
     bpb = f" ({ev['val_bpb']:.4f} bits per byte)" if ev and ev.get("val_bpb") is not None else ""
-    print(f"Done: step {trainer.step}" + (f", validation loss {ev['val_loss']:.4f}{bpb}" if ev else "") + f". Run directory: {run_dir}")
-    if bpb and (xz := xz_baseline(cfg.dataset)) is not None:
+    say(f"Done: step {trainer.step}" + (f", validation loss {ev['val_loss']:.4f}{bpb}" if ev else "") + f". Run directory: {run_dir}")
+    if bpb and trainer.is_main and (xz := xz_baseline(cfg.dataset)) is not None:
         d = ev["val_bpb"] / xz - 1
-        print(f"For comparison, xz -9e needs {xz:.4f} bits per byte for the same validation text, given the training text: "
+        say(f"For comparison, xz -9e needs {xz:.4f} bits per byte for the same validation text, given the training text: "
               f"the model needs {abs(d):.0%} {'less' if d < 0 else 'more'}.")
-    if (run_dir/"loss.png").exists(): print(f"Loss plot: {run_dir/'loss.png'}")
-    print(f"Sample from it: lp_sample checkpoint={run_dir} prompt=\"...\"   (or checkpoint=latest)")
+    if (run_dir/"loss.png").exists(): say(f"Loss plot: {run_dir/'loss.png'}")
+    say(f"Sample from it: lp_sample checkpoint={run_dir} prompt=\"...\"   (or checkpoint=latest)")
     return trainer
 
 # %% ../nbs/08_cli.ipynb #df10e886
@@ -246,8 +260,9 @@ def pretrain(
 def pretrain_main(cfg: DictConfig):
     "Console script `lp_pretrain`: train (or resume) a model from the packaged configs and the command line."
     from hydra.core.hydra_config import HydraConfig
-    run_cli("lp_pretrain", pretrain, cfg, list(HydraConfig.get().overrides.task),
-            interrupted="The checkpoints written so far are kept: continue with lp_pretrain resume=latest.")
+    try: run_cli("lp_pretrain", pretrain, cfg, list(HydraConfig.get().overrides.task),
+                 interrupted="The checkpoints written so far are kept: continue with lp_pretrain resume=latest.")
+    finally: close_distributed()
 
 # %% ../nbs/08_cli.ipynb #5b0a0023
 INFERENCE_FILES = ("model.safetensors",)  # what `load_model` reads from a checkpoint (and its config.yaml, when listed)

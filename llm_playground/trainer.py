@@ -9,13 +9,14 @@ __all__ = ['IGNORE_INDEX', 'CHUNK_ELEMENTS', 'DIVERGENCE_WINDOW', 'lm_loss', 'fu
            'read_metrics']
 
 # %% ../nbs/07b_trainer.ipynb #b9298634
-import functools, json, math, statistics, time
+import contextlib, functools, json, math, os, statistics, time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, List, Optional, Sequence
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from fastcore.basics import patch
 from omegaconf import DictConfig
@@ -162,6 +163,7 @@ class TrainerConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     precision: str = "auto"  # fp32, bf16 (autocast), fp16 (autocast + GradScaler, CUDA), auto: bf16 where supported
     compile: bool = False  # torch.compile the model for training
+    distributed: str = "ddp"  # with several processes (torchrun): ddp (a replica each) or fsdp (parameters, gradients, optimiser state sharded; FSDP2)
     fused_loss: bool = True  # default loss: head and cross-entropy chunk by chunk (`fused_lm_loss`), never all the logits at once
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     num_epochs: int = 3  # passes over the training data
@@ -206,10 +208,25 @@ def resolve_precision(
     return "bf16" if device.type == "cpu" else "fp32"
 
 # %% ../nbs/07b_trainer.ipynb #536017dd
+def _rank_world() -> tuple[int, int]:
+    "This process's rank and the number of processes: `(0, 1)` unless `torch.distributed` is initialised (chapter `07e_distributed`)."
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    "`x` summed (or maxed, `op='max'`) over all processes, in place (nothing to do for one process)."
+    if _rank_world()[1] > 1: torch.distributed.all_reduce(x, op=dict(sum=torch.distributed.ReduceOp.SUM, max=torch.distributed.ReduceOp.MAX)[op])
+    return x
+
 def _default_callbacks(cfg) -> list:
     "`default_callbacks(cfg)` of `07d_checkpoint` (imported here, when used: that module builds on this one)."
     from llm_playground.checkpoint import default_callbacks
     return default_callbacks(cfg)
+
+def _wrap_for_ranks(t) -> nn.Module:
+    "`wrap_for_ranks(t)` of `07e_distributed` (imported when used, like `_default_callbacks`)."
+    from llm_playground.distributed import wrap_for_ranks
+    return wrap_for_ranks(t)
 
 # %% ../nbs/07b_trainer.ipynb #77c3058f
 class Trainer:
@@ -229,7 +246,10 @@ class Trainer:
         self.cfg, self.opt_cfg = validate_config(cfg, TrainerConfig, "trainer"), validate_config(opt_cfg, OptimiserConfig, "optimiser")
         self.train_dl, self.valid_dl, self.tokenizer, self.loss_func = train_dl, valid_dl, tokenizer, loss_func
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.rank, self.world_size = _rank_world()  # (0, 1) unless several processes train together (chapter 07e)
+        self.is_main = self.rank == 0  # only the main process writes: metrics, samples, checkpoints, progress
         self.device = get_device(self.cfg.device)
+        if self.world_size > 1 and self.device.type == "cuda": self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         self.precision = resolve_precision(self.cfg.precision, self.device)
         self.model = model.to(self.device)
         self.cbs = [*(_default_callbacks(self.cfg) if default_cbs else []), *cbs]
@@ -239,20 +259,21 @@ class Trainer:
         if self.cfg.divergence_factor and not self.cfg.divergence_factor > 1: raise ConfigError(
             f"trainer.divergence_factor={self.cfg.divergence_factor} would stop a healthy run: use a value above 1 (default "
             f"{TrainerConfig.divergence_factor:g}), or 0 to turn the check off.")
+        self.history, self.snapshot, self._restore_rng, self.fwd_model = [], None, None, self.model
+        self.fwd_hidden = getattr(self.model, "hidden_states", None)
+        self.wrapped = _wrap_for_ranks(self) if self.world_size > 1 else None  # DDP or FSDP2 around the loss (before the optimiser: FSDP swaps the parameters)
         self.opt = create_optimiser(self.model, self.opt_cfg)
         self.sched = create_scheduler(self.opt, self.total_steps, self.opt_cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = self.epoch = self.batch_in_epoch = self.tokens_seen = 0
-        self.history, self.snapshot, self._restore_rng, self.fwd_model = [], None, None, self.model
-        self.fwd_hidden = getattr(self.model, "hidden_states", None)
         self.recent_losses = deque(maxlen=DIVERGENCE_WINDOW)  # the last steps' losses, for the divergence guard
         self.train_time, self._t_last, self._out_of_time = 0.0, time.perf_counter(), False  # seconds of `fit` (see `max_time`)
 
 # %% ../nbs/07b_trainer.ipynb #6b0d0105
 @patch
 def callback(self: Trainer, event: str):
-    "Run `event` (e.g. `after_step`) on the trainer's callbacks."
-    run_cbs(self.cbs, event, self)
+    "Run `event` (e.g. `after_step`) on the trainer's callbacks (those marked `main_only` on the main process only)."
+    run_cbs([c for c in self.cbs if self.is_main or not getattr(c, "main_only", False)], event, self)
 
 # %% ../nbs/07b_trainer.ipynb #6b0d0107
 @patch(as_prop=True)
@@ -321,6 +342,8 @@ def _tick(self: Trainer):
     now = time.perf_counter()
     self.train_time, self._t_last = self.train_time + now - self._t_last, now
     if self.cfg.max_time:
+        if self.world_size > 1:  # every process stops at the same step: the slowest clock counts
+            self.train_time = _all_reduce(torch.tensor(self.train_time, dtype=torch.float64, device=self.device), "max").item()
         used = self.train_time / self.cfg.max_time
         self.sched.lr_lambdas[0].time_fraction, self._out_of_time = min(1.0, used), used >= 1
 
@@ -343,16 +366,28 @@ def _loss(self: Trainer,
         return fused_lm_loss(hidden, self.model.head.weight, yb)
     return self.loss_func((self.fwd_model if compiled else self.model)(xb), yb)
 
+@patch
+def _train_loss(self: Trainer, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    "The training loss of a micro-batch: `_loss`, through DDP/FSDP's forward when several processes train (so their hooks run)."
+    return self.wrapped(xb, yb) if self.wrapped is not None else self._loss(xb, yb)
+
+@patch
+def _sync_grads(self: Trainer, sync: bool):
+    "A context for one micro-batch's backward: with several processes, gradients are averaged over them only if `sync` (the last micro-batch)."
+    return self.wrapped.no_sync() if self.wrapped is not None and not sync else contextlib.nullcontext()
+
 # %% ../nbs/07b_trainer.ipynb #6b0d010d
 @patch
 @with_cbs("step")
 def _one_step(self: Trainer):
     n, self.loss = len(self.batches), 0.0
-    for xb, yb in self.batches:
+    for i, (xb, yb) in enumerate(self.batches):
         xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
-        with self.autocast(): loss = self._loss(xb, yb) / n
-        self.scaler.scale(loss).backward()
-        self.loss, self.tokens_seen = self.loss + loss.detach(), self.tokens_seen + yb.numel()
+        with self._sync_grads(i == n - 1):  # (one process: always)
+            with self.autocast(): loss = self._train_loss(xb, yb) / n
+            self.scaler.scale(loss).backward()
+        self.loss, self.tokens_seen = self.loss + loss.detach(), self.tokens_seen + yb.numel() * self.world_size
+    if self.world_size > 1: self.loss = _all_reduce(self.loss.clone()) / self.world_size  # the loss of the whole global batch
     self.scaler.unscale_(self.opt)
     self.grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
     self._check_step()  # before the optimiser step: a diverged step never touches the weights
@@ -411,11 +446,11 @@ def _append_line(
 # %% ../nbs/07b_trainer.ipynb #c26a9114
 @patch
 def log(self: Trainer, **metrics):
-    "Record a row of metrics (with step, epoch and time) in `history` and in run_dir/metrics.jsonl."
+    "Record a row of metrics (with step, epoch and time) in `history` and, on the main process, in run_dir/metrics.jsonl."
     row = dict(step=self.step, epoch=self.epoch, **{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()},
                time=round(time.time(), 3))
     self.history.append(row)
-    if self.run_dir is not None:
+    if self.run_dir is not None and self.is_main:
         _append_line(self.run_dir/"metrics.jsonl", json.dumps(row))
     return row
 
@@ -442,15 +477,16 @@ def evaluate(self: Trainer,
     dl, max_batches = dl if dl is not None else self.valid_dl, max_batches or self.cfg.eval_max_batches
     if dl is None: raise ValueError("No validation data: pass valid_dl to the Trainer, or dl to evaluate.")
     if hasattr(dl, "load_state_dict"): dl.load_state_dict({**dl.state_dict(), "samples_yielded": 0})  # from the start
-    was_training, total, count = self.model.training, 0.0, 0
+    was_training, sums = self.model.training, torch.zeros(2, dtype=torch.float64, device=self.device)  # loss total, tokens
     self.model.eval()
     with _fork_rng(self.device), torch.no_grad():
         for i, (xb, yb) in enumerate(dl):
             if max_batches and i >= max_batches: break
-            with self.autocast(): total += self._loss(xb.to(self.device), yb.to(self.device)).float() * yb.numel()
-            count += yb.numel()  # (summed on the device: one synchronisation at the end, not one per batch)
+            with self.autocast(): sums[0] += self._loss(xb.to(self.device), yb.to(self.device)).double() * yb.numel()
+            sums[1] += yb.numel()  # (summed on the device: one synchronisation at the end, not one per batch)
     self.model.train(was_training)
-    loss = float(total) / max(count, 1)
+    total, count = _all_reduce(sums).tolist()  # with several processes, each evaluated its share of the batches
+    loss = total / max(count, 1)
     bpt = getattr(getattr(dl, "dataset", None), "bytes_per_token", None)
     return dict(val_loss=loss, val_ppl=math.exp(min(loss, 50)), **({"val_bpb": loss / math.log(2) / bpt} if bpt else {}))
 
@@ -458,7 +494,9 @@ def evaluate(self: Trainer,
 @patch
 def check_weights(self: Trainer):
     "Raise a `DivergenceError` if the weights are not finite, or their loss on the last batch is far above the running level."
-    if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # (FSDP: this process's shard)
+    bad = torch.stack([~torch.isfinite(local(p)).all() for p in self.model.parameters()]).any().float()
+    if _all_reduce(bad, "max").item():  # (every process decides the same)
         raise DivergenceError(f"The weights are not finite after step {self.step}: not saving them. {self._divergence_advice()}")
     f, level, batches = self.cfg.divergence_factor, loss_level(self.recent_losses), getattr(self, "batches", None)
     if not (f and level is not None and batches): return
@@ -467,7 +505,8 @@ def check_weights(self: Trainer):
     self.model.eval()
     try:
         with _fork_rng(self.device), torch.no_grad(), self.autocast():
-            loss = self._loss(xb.to(self.device), yb.to(self.device), compiled=False).item()
+            loss = self._loss(xb.to(self.device), yb.to(self.device), compiled=False).float()
+        loss = _all_reduce(torch.nan_to_num(loss, nan=math.inf), "max").item()  # the worst of the processes' last batches
     finally: self.model.train(was_training)
     if not (loss <= f * level):  # (also NaN)
         raise DivergenceError(f"The weights after step {self.step} have a loss of {loss:.4g} on the last batch, over {f:g}x the running "
