@@ -56,17 +56,19 @@ class SampleCB(Callback):
     def __init__(self, cfg: SamplingConfig | DictConfig | dict | None = None):  # the `trainer.sampling` config (None: `SamplingConfig()`)
         self.cfg = validate_config(cfg, SamplingConfig, "trainer.sampling")
     def sample(self, t) -> list[str]:
-        "Continuations of the prompts, from the model as it is now."
-        c = self.cfg
-        was_training = t.model.training
+        "Continuations of the prompts, from the model as it is now (on the main process; `[]` on the others)."
+        c, gather = self.cfg, getattr(getattr(t, "wrapped", None), "gathered_model", None)
+        model = gather(t.device) if gather else t.model if getattr(t, "is_main", True) else None  # FSDP: a whole copy, gathered by all
+        if model is None: return []
+        was_training = model.training
         with _fork_rng(t.device):
-            out = generate_text(t.model, t.tokenizer, list(c.prompts), max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+            out = generate_text(model, t.tokenizer, list(c.prompts), max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                 top_k=c.top_k, top_p=c.top_p, seed=c.seed)
-        t.model.train(was_training)
+        model.train(was_training)
         return out
     def _run(self, t):
         if t.tokenizer is None or not self.cfg.prompts or getattr(self, "_last", None) == t.step: return
-        self._last, texts = t.step, self.sample(t)  # (every process samples: under FSDP the model runs only all together)
+        self._last, texts = t.step, self.sample(t)
         if not getattr(t, "is_main", True): return
         for p, s in zip(self.cfg.prompts, texts):
             if self.cfg.show: _write(f"[step {t.step}] {p!r} -> {p + s!r}")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
-from safetensors.torch import load_model as _load_safetensors, save_model as _save_safetensors
+from safetensors.torch import load_file as _load_file, load_model as _load_safetensors, save_file as _save_file, save_model as _save_safetensors
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -145,14 +145,15 @@ def save_checkpoint(
     parent = Path(ckpt_dir) if ckpt_dir is not None else t.run_dir/"checkpoints"
     name = f"step_{t.step:08d}"
     final, tmp = parent/name, parent/f".tmp_{name}"
+    full = t.wrapped.full_state_dicts(t.opt) if hasattr(getattr(t, "wrapped", None), "full_state_dicts") else None  # FSDP: the shards gathered
     state = _checkpoint_state(t)  # every process takes part (it gathers their random states); only the main one writes
     if not getattr(t, "is_main", True): return final
     try:
         parent.mkdir(parents=True, exist_ok=True)
         for old in parent.glob(".tmp_*"): shutil.rmtree(old, ignore_errors=True)  # leftovers of a killed writer
         tmp.mkdir()
-        _write_file(tmp/"model.safetensors", lambda p: _save_safetensors(t.model, str(p)))
-        _write_file(tmp/"optimizer.pt", lambda p: _torch_save(t.opt.state_dict(), p))
+        _write_file(tmp/"model.safetensors", lambda p: _save_safetensors(t.model, str(p)) if full is None else _save_file(full[0], str(p)))
+        _write_file(tmp/"optimizer.pt", lambda p: _torch_save(t.opt.state_dict() if full is None else full[1], p))
         _write_file(tmp/"state.pt", lambda p: _torch_save(state, p))
         if t.snapshot is not None: _write_file(tmp/"config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(t.snapshot), encoding="utf-8"))
         ev = getattr(t, "last_eval", None)
@@ -294,6 +295,12 @@ def _shape_diff(model: nn.Module, path: Path) -> list[str]:
     return out + [f"{k}: only in the checkpoint" for k in sorted(saved.keys() - mine.keys())]
 
 # %% ../nbs/07d_checkpoint.ipynb #af6e9f59
+def _check_fits(model: nn.Module, f: Path):
+    "A `CheckpointError` listing the tensors of the weights file `f` whose names or shapes differ from `model`'s."
+    if diff := _shape_diff(model, f):
+        more = f"\n  ... and {len(diff) - 12} more" if len(diff) > 12 else ""
+        raise CheckpointError(f"The checkpoint {f} does not fit this model ({len(diff)} tensors differ):\n  " + "\n  ".join(diff[:12]) + more)
+
 def load_weights(
     model: nn.Module,  # the model to load into (its shape must match)
     path: str | Path,  # a checkpoint folder or a `.safetensors` file
@@ -301,9 +308,7 @@ def load_weights(
     "Load checkpoint weights into `model`; a shape mismatch fails listing the differences."
     path = Path(path)
     f = path/"model.safetensors" if path.is_dir() else path
-    if diff := _shape_diff(model, f):
-        more = f"\n  ... and {len(diff) - 12} more" if len(diff) > 12 else ""
-        raise CheckpointError(f"The checkpoint {f} does not fit this model ({len(diff)} tensors differ):\n  " + "\n  ".join(diff[:12]) + more)
+    _check_fits(model, f)
     _read(f, lambda: _load_safetensors(model, str(f), strict=True, device=str(next(model.parameters()).device)))
     return model
 
@@ -376,8 +381,13 @@ def _load_into(t, path: Path) -> Path:
     opt_sd = _torch_load(path/"optimizer.pt", t.device)
     st = _check_state(_torch_load(path/"state.pt", "cpu"), path/"state.pt")
     _check_global_batch(t, st, path)
-    load_weights(t.model, path)
-    _read(path/"optimizer.pt", lambda: t.opt.load_state_dict(opt_sd))
+    if hasattr(getattr(t, "wrapped", None), "load_full_state_dicts"):  # FSDP: every process loads the whole file into its shards
+        _check_fits(t.model, path/"model.safetensors")
+        sd = _read(path/"model.safetensors", lambda: _load_file(str(path/"model.safetensors")))
+        _read(path/"optimizer.pt", lambda: t.wrapped.load_full_state_dicts(sd, opt_sd, t.opt))
+    else:
+        load_weights(t.model, path)
+        _read(path/"optimizer.pt", lambda: t.opt.load_state_dict(opt_sd))
     _read(path/"state.pt", lambda: (t.sched.load_state_dict(st["scheduler"]), t.scaler.load_state_dict(st["scaler"])))
     t.train_time = float(st.get("train_time", 0.0))  # the clock of a time budget continues (older checkpoints: from 0)
     _apply_optimiser_config(t)  # this run's optimiser settings win over the saved ones (a resume may lower the lr)

@@ -43,13 +43,58 @@ class _StepLoss(nn.Module):
     def forward(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor: return self._trainer._loss(xb, yb)
 
 # %% ../nbs/07e_distributed.ipynb #e7000013
+def _by_index(osd: dict) -> dict:
+    "An optimiser state dict keyed by parameter names (as torch.distributed.checkpoint gives it) keyed by index, as `Optimizer.state_dict()` is."
+    ids = {name: i for i, name in enumerate(n for g in osd["param_groups"] for n in g["params"])}
+    return {"state": {ids[k]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in osd["param_groups"]]}
+
+def _by_name(osd: dict, names: list) -> dict:
+    "The inverse of `_by_index`, given the parameter names in the optimiser's order."
+    return {"state": {names[i]: v for i, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
+
+def _aliases(model: nn.Module) -> dict:
+    "For each parameter stored under several names (tied weights), every name -> the one kept in a file (the first in sorted order, as safetensors' `save_model` keeps)."
+    groups = {}
+    for n, p in model.named_parameters(remove_duplicate=False): groups.setdefault(id(p), []).append(n)
+    return {n: min(ns) for ns in groups.values() for n in ns}
+
 class _FSDPStepLoss(_StepLoss):
-    "`_StepLoss` over a model sharded by FSDP2, with DDP's `no_sync()` as FSDP spells it."
+    "`_StepLoss` over a model sharded by FSDP2, with DDP's `no_sync()` as FSDP spells it, and its state gathered for checkpoints."
     @contextlib.contextmanager
     def no_sync(self):
         self.model.set_requires_gradient_sync(False)
         try: yield
         finally: self.model.set_requires_gradient_sync(True)
+
+    def full_state_dicts(self, opt) -> tuple[dict, dict]:
+        "The model's weights and the optimiser's state, gathered from the shards onto the CPU of the main process (every process must call)."
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd, osd = get_model_state_dict(self.model, options=o), get_optimizer_state_dict(self.model, opt, options=o)
+        if dist.get_rank(): return {}, {}
+        keep = _aliases(self.model)
+        return {k: v.contiguous() for k, v in sd.items() if keep.get(k, k) == k}, _by_index(osd)
+
+    def gathered_model(self, device=None) -> nn.Module | None:
+        "A plain, unsharded copy of the model on the main process (None on the others; every process must call), e.g. to sample from."
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank(): return None
+        cls = next(c for c in type(self.model).__mro__ if not c.__name__.startswith("FSDP"))  # (fully_shard subclasses it)
+        plain = cls(self.model.cfg)
+        plain.load_state_dict(sd)
+        return plain.to(device or "cpu").eval()
+
+    def load_full_state_dicts(self, sd: dict, osd: dict, opt):
+        "Load full weights and optimiser state (as `full_state_dicts` gives them; every process passes them) into the shards."
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        keep, o = _aliases(self.model), StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, {n: sd[k] for n, k in keep.items() if k in sd}, options=o)
+        names = [n for g in opt.param_groups for n in g.get("names", [])]
+        if len(names) != sum(len(g["params"]) for g in opt.param_groups): raise ValueError("the optimiser's groups do not name their parameters")
+        set_optimizer_state_dict(self.model, opt, _by_name(osd, names), options=o)
 
 def _fully_shard(t) -> _FSDPStepLoss:
     "Shard `t.model` with FSDP2: each block, then the rest; `hidden_states` hooked like `forward`."

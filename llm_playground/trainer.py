@@ -256,6 +256,8 @@ class Trainer:
         self.accum = max(1, self.cfg.grad_accum_steps)
         self.steps_per_epoch = math.ceil(len(train_dl) / self.accum)
         self.total_steps = self.cfg.max_steps or self.cfg.num_epochs * self.steps_per_epoch
+        if str(self.cfg.distributed).lower() not in ("ddp", "fsdp"):
+            raise ConfigError(f"Unknown trainer.distributed '{self.cfg.distributed}': use ddp (a replica per process) or fsdp (sharded).")
         if self.cfg.divergence_factor and not self.cfg.divergence_factor > 1: raise ConfigError(
             f"trainer.divergence_factor={self.cfg.divergence_factor} would stop a healthy run: use a value above 1 (default "
             f"{TrainerConfig.divergence_factor:g}), or 0 to turn the check off.")
@@ -390,6 +392,7 @@ def _one_step(self: Trainer):
     if self.world_size > 1: self.loss = _all_reduce(self.loss.clone()) / self.world_size  # the loss of the whole global batch
     self.scaler.unscale_(self.opt)
     self.grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
+    if hasattr(self.grad_norm, "full_tensor"): self.grad_norm = self.grad_norm.full_tensor()  # (FSDP: the norm over all shards)
     self._check_step()  # before the optimiser step: a diverged step never touches the weights
     self.scaler.step(self.opt); self.scaler.update(); self.opt.zero_grad(set_to_none=True)
     self._tick()  # the clock, read once per step: every callback of this step sees the same `done`

@@ -148,3 +148,37 @@ def test_kill_and_resume_two_processes_is_exact(data, tmp_path):
     assert [r["val_loss"] for r in rows(crash, "valid")] == [r["val_loss"] for r in rows(ref, "valid")]
     w, w_ref = weights(crash/"checkpoints/step_00000024"), weights(ref/"checkpoints/step_00000024")
     assert w.keys() == w_ref.keys() and all(torch.equal(w[k], w_ref[k]) for k in w)
+
+
+def test_fsdp_trains_as_one_and_resumes(data, two_and_one, tmp_path):
+    """FSDP2 on gloo (CPU): the same curve as one process; killed (all ranks) after a checkpoint and resumed, bit for bit;
+    its checkpoint (gathered into one safetensors file) continues on one process without FSDP."""
+    _, _, one, _ = two_and_one
+    out, fsdp = tmp_path/"models", ["dataset.batch_size=4", "trainer.distributed=fsdp"]
+    proc = run(torchrun(2, *common(data, out, "fsdp"), *fsdp), tmp_path)
+    assert "x 2 processes (fsdp)" in proc.stdout
+    ref = run_dir_of(out, "fsdp")
+    assert close(curve(ref), curve(one))
+    assert len((ref/"samples.jsonl").read_text().splitlines()) == len((one/"samples.jsonl").read_text().splitlines())  # sampled from the gathered model
+    w, w1 = weights(ref/"checkpoints/step_00000024"), weights(one/"checkpoints/step_00000024")
+    assert w.keys() == w1.keys() and all(torch.allclose(w[k], w1[k], atol=1e-4) for k in w1)  # the same file layout as one process writes
+
+    args = [*common(data, out, "fsdp_crash"), *fsdp]
+    p = subprocess.Popen(torchrun(2, *args), env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert kill_at(p, lambda: list((out/"fsdp_crash").glob("*_seed_*")), 8, one_rank=False), "the run finished before it could be killed"
+    crash = run_dir_of(out, "fsdp_crash")
+    run(torchrun(2, *args, f"resume={crash}"), tmp_path)
+    assert curve(crash) == curve(ref)
+    w2 = weights(crash/"checkpoints/step_00000024")
+    assert all(torch.equal(w2[k], w[k]) for k in w)
+
+    copy = tmp_path/"fsdp_on_one"; shutil.copytree(ref, copy)
+    run(one_process(f"resume={copy/'checkpoints/step_00000012'}", "dataset.batch_size=8", "trainer.distributed=ddp"), tmp_path)
+    assert close(curve(copy), curve(ref))
+
+
+def test_fsdp_refuses_muon_in_one_line(data, tmp_path):
+    r = subprocess.run(torchrun(2, *common(data, tmp_path/"m", "x", steps=2), "dataset.batch_size=4", "trainer.distributed=fsdp",
+                                "optimiser=muon"), env=ENV, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "lp_pretrain: error: trainer.distributed=fsdp cannot use optimiser.name=muon" in r.stderr
+    assert not list((tmp_path/"m").glob("x/*"))  # refused before any run directory was made
