@@ -296,8 +296,8 @@ class WandbCB(Callback):
 
 # %% ../nbs/07c_callbacks.ipynb #20e351cc
 def logger_callbacks(
-    loggers: Sequence[str] = ("jsonl",),  # the names of `trainer.loggers`
+    loggers: Sequence[str] | None = None,  # the names of `trainer.loggers` (None: its default, `TrainerConfig().loggers`)
 ) -> list[Callback]:  # a callback per logger other than `jsonl`
     "The callbacks of the loggers in `trainer.loggers`, checked first (`check_loggers`)."
     cbs = dict(tensorboard=TensorBoardCB, wandb=WandbCB)
-    return [cbs[n]() for n in check_loggers(loggers) if n in cbs]
+    return [cbs[n]() for n in check_loggers(TrainerConfig().loggers if loggers is None else loggers) if n in cbs]
