@@ -22,7 +22,7 @@ from safetensors.torch import load_file as _load_file, load_model as _load_safet
 from torch import nn
 from tqdm.auto import tqdm
 
-from .callbacks import EvalCB, MetricsCB, PlotCB, ProgressCB, SampleCB
+from .callbacks import EvalCB, MetricsCB, PlotCB, ProgressCB, SampleCB, logger_callbacks
 from .config import ConfigError, seed_everything, validate_config
 from .optimiser import LRSchedule, create_optimiser, warmup_steps_for
 from .trainer import Callback, TrainerConfig
@@ -464,11 +464,11 @@ class CheckpointCB(Callback):
 def default_callbacks(
     cfg: TrainerConfig | DictConfig | dict | None = None,  # the `trainer` config (None: `TrainerConfig()`)
 ) -> list[Callback]:
-    "The callbacks the `trainer` config asks for: metrics, evaluation, samples, checkpoints, progress bar, plot."
+    "The callbacks the `trainer` config asks for: metrics, evaluation, samples, checkpoints, progress bar, plot, loggers."
     cfg = validate_config(cfg, TrainerConfig, "trainer")
     cbs = [MetricsCB(cfg.log_steps), EvalCB(cfg.eval_steps), SampleCB(cfg.sampling),
            CheckpointCB(cfg.save_steps, cfg.keep_last, cfg.keep_best)]
-    return cbs + ([ProgressCB()] if cfg.progress else []) + ([PlotCB()] if cfg.plot else [])
+    return cbs + ([ProgressCB()] if cfg.progress else []) + ([PlotCB()] if cfg.plot else []) + logger_callbacks(cfg.loggers)
 
 # %% ../nbs/07d_checkpoint.ipynb #ccbf86a8
 def make_run_dir(

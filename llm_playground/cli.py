@@ -365,7 +365,7 @@ def sample_main(cfg: DictConfig):
 # %% ../nbs/08_cli.ipynb #ed1bf491
 _COMMANDS = dict(corpus="llm_playground.corpus:corpus_main", preprocess="llm_playground.preprocess:main",
                  pretrain="llm_playground.cli:pretrain_main", sample="llm_playground.cli:sample_main",
-                 eval="llm_playground.evaluation:eval_main")  # as in settings.ini
+                 eval="llm_playground.evaluation:eval_main", lm_eval="llm_playground.lm_eval_adapter:main")  # as in settings.ini
 
 def main(argv: Sequence[str] | None = None):
     "`python -m llm_playground.cli {corpus,preprocess,pretrain,sample} [overrides...]`: the console scripts, uninstalled."

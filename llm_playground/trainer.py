@@ -181,6 +181,7 @@ class TrainerConfig:
     divergence_factor: float = 4.0  # stop when a step's loss exceeds this many times its running level (0: never); NaN/inf always stop
     progress: bool = True  # show a progress bar
     plot: bool = True  # save loss.png in the run directory
+    loggers: List[str] = field(default_factory=lambda: ["jsonl"])  # where logged rows go: jsonl (run_dir/metrics.jsonl), tensorboard, wandb (07c)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ranges: ClassVar[dict] = dict(num_epochs=">= 1", max_steps=">= 1", max_time="> 0", grad_accum_steps=">= 1", max_grad_norm=">= 0",
                                   log_steps=">= 0", eval_steps=">= 0", eval_max_batches=">= 1", save_steps=">= 0", keep_last=">= 0")
@@ -449,12 +450,13 @@ def _append_line(
 # %% ../nbs/07b_trainer.ipynb #c26a9114
 @patch
 def log(self: Trainer, **metrics):
-    "Record a row of metrics (with step, epoch and time) in `history` and, on the main process, in run_dir/metrics.jsonl."
+    "Record a row of metrics (with step, epoch and time) in `history` and (on the main process, if `jsonl` is a logger) in run_dir/metrics.jsonl, then fire `after_log`."
     row = dict(step=self.step, epoch=self.epoch, **{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()},
                time=round(time.time(), 3))
     self.history.append(row)
-    if self.run_dir is not None and self.is_main:
+    if self.run_dir is not None and self.is_main and "jsonl" in self.cfg.loggers:
         _append_line(self.run_dir/"metrics.jsonl", json.dumps(row))
+    self.callback("after_log")  # the other loggers (TensorBoard, W&B: `07c_callbacks`) take the row from here
     return row
 
 # %% ../nbs/07b_trainer.ipynb #6599b039
