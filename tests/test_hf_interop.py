@@ -324,3 +324,12 @@ def test_lp_pretrain_init_from_hf(tmp_path):
     finally: trainer.run_lock.release()
     ov = [f"resume={run_dir}", "init_from=hf:gpt2"]
     with pytest.raises(ConfigError, match="give one of them"): prepare_run(compose_config("pretrain", ov), ov)
+
+
+def test_without_transformers_one_line_says_how_to_install(monkeypatch, tmp_path):
+    "transformers is an optional extra: only a hub name needs it, and without it the error says how to install it."
+    monkeypatch.setitem(sys.modules, "transformers", None)   # `import transformers` now fails, as where it is not installed
+    with pytest.raises(HFError, match=r'pip install "llm-playground\[hf\]"'): Transformer.from_hf("gpt2")
+    from llm_playground.hf import save_hf
+    save_hf(Transformer(vocab_size=V, context_length=CTX, emb_dim=16, n_layers=1, n_heads=2), tmp_path/"m")
+    assert Transformer.from_hf(tmp_path/"m").cfg.n_heads == 2   # folders need no transformers
