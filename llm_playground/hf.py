@@ -7,7 +7,7 @@ __all__ = ['hf_state_dict', 'hf_tokenizer_files', 'save_hf', 'ExportConfig', 'ex
            'init_from_hf']
 
 # %% ../nbs/11_hf.ipynb #6c4912a0
-import dataclasses, json, os, shutil, warnings
+import dataclasses, json, os, shutil, sys, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError, hydra_main, validate_config
 from .tokenizer import ENDOFTEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, gpt2_vocab_files
 from .transformer import HFError, Transformer, hf_config
-from .cli import PretrainConfig, load_model
+from .cli import PretrainConfig, _override_keys, load_model
 from .utils import UserError, fsync_path, run_cli
 
 # %% ../nbs/11_hf.ipynb #ee09f149
@@ -127,7 +127,6 @@ def export(
     out=None,  # where to print (default: stdout)
 ) -> Path:  # the folder written
     "Write the model of `cfg.checkpoint`, with its tokenizer, to the `save_pretrained` folder `cfg.out`."
-    import sys
     c = validate_config(cfg, ExportConfig, where="")
     if not c.checkpoint: raise ConfigError("Say which model to export: checkpoint=<run directory or checkpoint folder> (or latest).")
     if not c.out: raise ConfigError("Say where to write the model: out=<folder>.")
@@ -176,7 +175,7 @@ _KEPT = ("drop_emb", "drop_attn", "drop_resid", "init_std")  # the run's own: tr
 
 def _asked(model_cfg, overrides: Sequence[str]) -> dict:
     "The shape fields a pretrain config asks for: set on the command line (`model.X=`), or different from the default model."
-    default, keys = dataclasses.asdict(PretrainConfig().model), {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    default, keys = dataclasses.asdict(PretrainConfig().model), set(_override_keys(overrides))
     return {k: model_cfg[k] for k in _SHAPE if f"model.{k}" in keys or model_cfg[k] != default[k]}
 
 # %% ../nbs/11_hf.ipynb #fc528f15
