@@ -44,6 +44,7 @@ class PretrainConfig:
     optimiser: OptimiserConfig = field(default_factory=OptimiserConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     resume: Optional[str] = None  # a run directory, a checkpoint, or `latest` (the newest run under trainer.output_dir) to continue from
+    init_from: Optional[str] = None  # hf:<hub name or save_pretrained folder>: a new run starts from those GPT-2 weights (chapter 11)
 
 # %% ../nbs/08_cli.ipynb #5a0c0005
 _SECTIONS = dict(dataset=DatasetConfig, optimiser=OptimiserConfig, trainer=TrainerConfig)
@@ -58,7 +59,7 @@ def validate_pretrain_config(
     out["model"] = vars(model_config(OmegaConf.to_container(cfg.model, resolve=True)))
     if "_target_" not in (cfg.tokenizer or {}): raise ConfigError("The tokenizer section needs a _target_ (use tokenizer=gpt2 or tokenizer=char).")
     out["tokenizer"] = OmegaConf.to_container(cfg.tokenizer, resolve=True)
-    out["resume"] = cfg.get("resume")
+    out["resume"], out["init_from"] = cfg.get("resume"), cfg.get("init_from")
     return OmegaConf.create(out)
 
 # %% ../nbs/08_cli.ipynb #58a34023
@@ -147,12 +148,13 @@ def prepare_run(
     rank, world = init_distributed(cfg.trainer.device)  # under torchrun: join the other processes (chapter 07e)
     ckpt = None
     if cfg.resume: cfg, ckpt = resume_config(cfg, overrides)
+    init = _initial_model(cfg, ckpt, overrides)  # init_from=hf:...: that model, `cfg.model` set to its shape (else None)
     seed_everything(cfg.trainer.seed)
     tokenizer, tok_cfg = tokenizer_for_data(cfg.tokenizer, cfg.dataset.train, base_dir=ckpt.parent.parent if ckpt is not None else None)
     cfg.tokenizer = OmegaConf.create(tok_cfg)  # names a trained tokenizer's file and sha256: config.yaml rebuilds exactly it
     check_compatible(cfg, tokenizer)
     train_dl, valid_dl = dataloaders_from_config(cfg.dataset, tokenizer, rank, world)  # this process's share
-    trainer = Trainer(Transformer(cfg.model), train_dl, valid_dl, cfg.trainer, cfg.optimiser, tokenizer=tokenizer)
+    trainer = Trainer(init if init is not None else Transformer(cfg.model), train_dl, valid_dl, cfg.trainer, cfg.optimiser, tokenizer=tokenizer)
     if rank: seed_everything(cfg.trainer.seed + rank)  # dropout: other masks on each process (rank 0 goes on as one process would)
     trainer.snapshot = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "resume"})
     if trainer.is_main: trainer.run_dir, trainer.run_lock, trainer.new_dirs = _open_run_dir(cfg, ckpt, trainer.snapshot)  # every input checked: now write
@@ -160,6 +162,15 @@ def prepare_run(
     if world > 1: trainer.run_dir = Path(_from_main(str(trainer.run_dir) if trainer.is_main else None))
     if ckpt is not None: trainer.load_checkpoint(ckpt)
     return trainer
+
+# %% ../nbs/08_cli.ipynb #hf8init1
+def _initial_model(cfg: DictConfig, ckpt: Path | None, overrides: Sequence[str] = ()) -> Transformer | None:
+    "The model `init_from=hf:...` names, with `cfg.model` set to its shape (`init_from_hf`, chapter 11); None without it, or when resuming."
+    if ckpt is not None and "init_from" in _override_keys(overrides):
+        raise ConfigError("init_from starts a new run from other weights, and resume continues a run: give one of them.")
+    if ckpt is not None or not cfg.get("init_from"): return None
+    from llm_playground.hf import init_from_hf  # chapter 11
+    return init_from_hf(cfg, overrides)
 
 # %% ../nbs/08_cli.ipynb #5b0a0e01
 def _from_main(obj):
@@ -276,10 +287,14 @@ def _load_one(ckpt: Path) -> tuple[Transformer, Tokenizer, DictConfig]:
 
 # %% ../nbs/08_cli.ipynb #6cc34d28
 def load_model(
-    path: str | Path,  # a run directory (its latest checkpoint), a checkpoint folder, or `"latest"` (see `latest_run`)
+    path: str | Path,  # a run directory (its latest checkpoint), a checkpoint folder, `"latest"` (see `latest_run`), or `"hf:<hub name or folder>"`
     device: str = "auto",  # auto, cpu, cuda, cuda:N or mps
 ) -> tuple[Transformer, Tokenizer, DictConfig]:  # the model (in eval mode), its tokenizer, the run's config
     "Load a trained model, its tokenizer and its config from a run directory or checkpoint (the newest good one, with a warning)."
+    if str(path).startswith("hf:"):  # a Hugging Face GPT-2: hf:gpt2, hf:<save_pretrained folder> (chapter 11)
+        from llm_playground.hf import load_hf
+        model, tokenizer, cfg = load_hf(str(path)[3:])
+        return model.to(get_device(device)).eval(), tokenizer, cfg
     src = latest_run() if str(path) == "latest" else Path(path)
     model, tokenizer, cfg = _first_good(_candidates(src, fallback=True), _load_one, fallback=True)
     return model.to(get_device(device)).eval(), tokenizer, cfg
@@ -288,7 +303,7 @@ def load_model(
 @dataclass
 class SampleConfig:
     "Schema of `sample.yaml`: which model, which prompts, how to sample."
-    checkpoint: Optional[str] = "latest"  # a run directory, a checkpoint folder, or `latest` (the newest run under ${root:models})
+    checkpoint: Optional[str] = "latest"  # a run directory, a checkpoint folder, `latest` (the newest run under ${root:models}), or hf:<hub name or folder>
     prompt: Optional[str] = None  # one prompt (shortcut for `prompts`)
     prompts: Optional[List[str]] = None  # prompts to continue (None: the run's own, `trainer.sampling.prompts`)
     max_new_tokens: int = 100  # tokens generated per prompt
@@ -365,7 +380,8 @@ def sample_main(cfg: DictConfig):
 # %% ../nbs/08_cli.ipynb #ed1bf491
 _COMMANDS = dict(corpus="llm_playground.corpus:corpus_main", preprocess="llm_playground.preprocess:main",
                  pretrain="llm_playground.cli:pretrain_main", sample="llm_playground.cli:sample_main",
-                 eval="llm_playground.evaluation:eval_main", lm_eval="llm_playground.lm_eval_adapter:main")  # as in settings.ini
+                 eval="llm_playground.evaluation:eval_main", lm_eval="llm_playground.lm_eval_adapter:main",
+                 export="llm_playground.hf:export_main")  # as in settings.ini
 
 def main(argv: Sequence[str] | None = None):
     "`python -m llm_playground.cli {corpus,preprocess,pretrain,sample} [overrides...]`: the console scripts, uninstalled."

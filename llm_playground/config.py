@@ -69,6 +69,7 @@ SCHEMAS = {  # primary config -> "module:dataclass" of its schema
     "pretrain": "llm_playground.cli:PretrainConfig",
     "sample": "llm_playground.cli:SampleConfig",
     "eval": "llm_playground.evaluation:EvalConfig",
+    "export": "llm_playground.hf:ExportConfig",
 }
 GROUP_SCHEMAS = {  # config group -> the schema its files start from (`<group>_schema` in their defaults list)
     "model": "llm_playground.transformer:ModelConfig",

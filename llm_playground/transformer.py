@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'ModelConfig', 'model_config', 'MLP', 'Block', 'Transformer', 'preset_names', 'model_preset',
-           'count_params']
+           'count_params', 'HFError', 'model_config_from_hf', 'hf_config']
 
 # %% ../nbs/05_model.ipynb #af04a214
-import dataclasses, math
+import dataclasses, json, math, os, re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .attention import KVCache, MultiHeadAttention, make_attn_mask
 from .config import ConfigError, config_dir, validate_config
+from .utils import UserError
 
 # %% ../nbs/05_model.ipynb #569ac110
 @dataclass
@@ -341,15 +342,27 @@ def _hf_transposed(hf_key: str) -> bool:
     "Is `hf_key` a `Conv1D` weight, stored `[in, out]` (transposed from `nn.Linear`)?"
     return hf_key.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))
 
+# %% ../nbs/05_model.ipynb #hf0err02
+class HFError(UserError, ValueError):
+    "A Hugging Face model, folder, weights file or config that cannot be used as asked; the message says why and what to do."
+
+# %% ../nbs/05_model.ipynb #hf0err03
+def _first_line(e: BaseException) -> str:
+    "The first non-empty line of an exception's message (or its type's name)."
+    return next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__).rstrip(".")
+
 # %% ../nbs/05_model.ipynb #abdf2e09
 def _load_weights(src) -> dict:
-    "A state dict, or one read from a `.safetensors` (or torch `.bin`/`.pt`) file."
-    if isinstance(src, (str, Path)):
-        if str(src).endswith(".safetensors"):
+    "A state dict, or one read from a `.safetensors` (or torch `.bin`/`.pt`, tensors only: never code) file."
+    if not isinstance(src, (str, os.PathLike)): return dict(src)
+    p = Path(src)
+    try:
+        if p.suffix == ".safetensors":
             from safetensors.torch import load_file
-            return load_file(str(src))
-        return torch.load(src, map_location="cpu", weights_only=True)
-    return dict(src)
+            return load_file(str(p))
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError: raise
+    except Exception as e: raise HFError(f"Cannot read weights from {p}: {_first_line(e)}.") from None
 
 # %% ../nbs/05_model.ipynb #2b937469
 _HF_IGNORED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
@@ -386,32 +399,165 @@ def _hf_mismatches(model, sd: dict, want: dict) -> dict:
 def load_hf_state_dict(self: Transformer,
     src,  # a `GPT2LMHeadModel` state dict, or the path of a `.safetensors` file holding one
 ) -> Transformer:  # the model itself, its weights replaced
-    "Load weights laid out like Hugging Face `GPT2LMHeadModel`; mismatches raise a `ValueError` listing every key."
+    "Load weights laid out like Hugging Face `GPT2LMHeadModel`; mismatches raise an `HFError` listing every key."
     sd, ours = _strip_hf(_load_weights(src)), self.state_dict()
     want = {_hf_key(n): n for n in ours if not (self.cfg.tie_weights and n == "head.weight")}
     if bad := {title: ks for title, ks in _hf_mismatches(self, sd, want).items() if ks}:
         parts = [f"{title} ({len(ks)}):\n    " + "\n    ".join(ks) for title, ks in bad.items()]
-        raise ValueError(f"Cannot load Hugging Face GPT-2 weights into this Transformer ({self.cfg.n_layers} layers, "
+        raise HFError(f"Cannot load Hugging Face GPT-2 weights into this Transformer ({self.cfg.n_layers} layers, "
                          f"width {self.cfg.emb_dim}, vocab {self.cfg.vocab_size}, context {self.cfg.context_length}):\n  " + "\n  ".join(parts))
     with torch.no_grad():
         for k, n in want.items(): ours[n].copy_(sd[k].t() if _hf_transposed(k) else sd[k])
     return self
 
+# %% ../nbs/05_model.ipynb #hf0cfg01
+_HF_GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+                         activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                         layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True,
+                         scale_attn_by_inverse_layer_idx=False, add_cross_attention=False, tie_word_embeddings=True)
+# ^ transformers' GPT2Config defaults, for the keys a config.json may leave out
+_HF_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # GELU with the tanh approximation: our MLP's activation
+
+# %% ../nbs/05_model.ipynb #hf0cfg02
+def model_config_from_hf(
+    hf,  # a Hugging Face GPT-2 config: `config.json` as a dict, or a `transformers.GPT2Config`
+) -> dict:  # `ModelConfig` fields (all but `bias`, which only the weights show)
+    "The `ModelConfig` fields of a Hugging Face GPT-2 config; an option our `Transformer` does not have raises `HFError`."
+    if hasattr(hf, "to_dict"): hf = hf.to_dict()
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise HFError(f"Not a GPT-2 model: its config says model_type={hf['model_type']!r}; from_hf loads GPT-2 (model_type gpt2) only.")
+    h = {**_HF_GPT2_DEFAULTS, **{k: hf[k] for k in _HF_GPT2_DEFAULTS if k in hf}}
+    C = h["n_embd"]; inner = h["n_inner"] or 4 * C
+    bad = [f"activation_function={h['activation_function']!r} (ours is GELU with the tanh approximation, gelu_new)"] * (h["activation_function"] not in _HF_GELU_TANH)
+    bad += ["scale_attn_weights=false (ours divides attention scores by the square root of the head size)"] * (not h["scale_attn_weights"])
+    bad += ["scale_attn_by_inverse_layer_idx=true"] * bool(h["scale_attn_by_inverse_layer_idx"])
+    bad += ["add_cross_attention=true"] * bool(h["add_cross_attention"])
+    bad += [f"n_inner={inner}, not a multiple of n_embd={C} (our MLP is mlp_ratio * emb_dim wide)"] * bool(inner % C)
+    if bad: raise HFError("This GPT-2 config has options the LLM Playground Transformer does not implement, so it would load as a "
+                          "different model: " + "; ".join(bad) + ".")
+    return dict(vocab_size=h["vocab_size"], context_length=h["n_positions"], emb_dim=C, n_layers=h["n_layer"], n_heads=h["n_head"],
+                drop_emb=h["embd_pdrop"], drop_attn=h["attn_pdrop"], drop_resid=h["resid_pdrop"],
+                tie_weights=bool(h["tie_word_embeddings"]), mlp_ratio=inner // C, ln_eps=h["layer_norm_epsilon"], init_std=h["initializer_range"])
+
+# %% ../nbs/05_model.ipynb #hf0cfg08
+_HF_MAPPED = {"vocab_size", "context_length", "emb_dim", "n_layers", "n_heads", "drop_emb", "drop_attn", "drop_resid", "bias",
+              "tie_weights", "mlp_ratio", "ln_eps", "init_std"}  # the `ModelConfig` fields `hf_config` writes (bias: zero biases)
+
+# %% ../nbs/05_model.ipynb #hf0cfg09
+def hf_config(
+    cfg: ModelConfig | dict | DictConfig,  # a model configuration
+) -> dict:  # `config.json` content of an equivalent `GPT2LMHeadModel`
+    "The Hugging Face GPT-2 config of a model: the inverse of `model_config_from_hf`."
+    c = model_config(cfg)
+    if extra := sorted({f.name for f in dataclasses.fields(c)} - _HF_MAPPED):
+        raise HFError(f"ModelConfig field(s) {', '.join(extra)} have no Hugging Face GPT-2 equivalent: this model cannot be exported.")
+    return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.context_length,
+                n_embd=c.emb_dim, n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.mlp_ratio * c.emb_dim, activation_function="gelu_new",
+                resid_pdrop=c.drop_resid, embd_pdrop=c.drop_emb, attn_pdrop=c.drop_attn, layer_norm_epsilon=c.ln_eps,
+                initializer_range=c.init_std, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                reorder_and_upcast_attn=False, add_cross_attention=False, tie_word_embeddings=c.tie_weights, use_cache=True)
+
+# %% ../nbs/05_model.ipynb #hf0src02
+def _import_transformers():
+    "The `transformers` module, or an `HFError` saying how to install it."
+    try: import transformers
+    except ImportError: raise HFError('This needs Hugging Face transformers, an optional extra: pip install "llm-playground[hf]".') from None
+    return transformers
+
+# %% ../nbs/05_model.ipynb #hf0src03
+def _read_json(f: Path):
+    "The parsed JSON file `f`, or an `HFError` naming it."
+    try: return json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e: raise HFError(f"Cannot read {f}: {_first_line(e)}.") from None
+
+_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+def _read_hf_dir(d: Path) -> tuple[dict, dict]:
+    "The config and the weights of a `save_pretrained` folder (safetensors, single or sharded, else a torch `.bin`)."
+    if not (d/"config.json").is_file():
+        raise HFError(f"{d} has no config.json, so it is not a save_pretrained folder (for a bare weights file: from_hf(file, n_heads=...)).")
+    cfg, w = _read_json(d/"config.json"), next((d/n for n in _HF_WEIGHT_FILES if (d/n).is_file()), None)
+    if w is None: raise HFError(f"{d} has a config.json but no weights: none of {', '.join(_HF_WEIGHT_FILES)}.")
+    if not w.name.endswith(".index.json"): return cfg, _load_weights(w)
+    wm = (_read_json(w) or {}).get("weight_map")
+    if not isinstance(wm, dict) or not wm: raise HFError(f"{w} has no weight_map: not the index of a sharded checkpoint.")
+    sd = {}
+    for shard in sorted(set(wm.values())):
+        if not (d/shard).is_file(): raise HFError(f"{w} lists the shard {shard}, which is missing from {d}.")
+        sd.update(_load_weights(d/shard))
+    return cfg, sd
+
+# %% ../nbs/05_model.ipynb #hf0src04
+def _from_hub(name: str) -> tuple[dict, dict]:
+    "Config and weights of the hub model `name`, through `transformers` (its cache, or a download)."
+    tf = _import_transformers()
+    try: cfg = tf.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        why = _first_line(e)
+        if "connect" in why or "offline" in why.lower(): why = "it is not in the local cache, and the hub cannot be reached (offline?)"
+        raise HFError(f"Cannot load {name!r} from the Hugging Face hub: {why}. Pass a local save_pretrained folder (config.json + "
+                      "model.safetensors) instead: from_hf('path/to/folder'), or hf:path/to/folder on the command line.") from None
+    model_config_from_hf(cfg)  # an unsupported model is refused before its weights are downloaded
+    m = tf.GPT2LMHeadModel.from_pretrained(name)
+    return m.config.to_dict(), m.state_dict()
+
+# %% ../nbs/05_model.ipynb #hf0src05
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # `gpt2`, `openai-community/gpt2`
+
+def _hf_source(src) -> tuple[dict | None, dict]:
+    "The config (None for a bare state dict) and the weights of anything `from_hf` takes."
+    if isinstance(src, nn.Module):
+        if type(src).__name__ not in ("GPT2LMHeadModel", "GPT2Model") or not hasattr(src, "config"):
+            raise HFError(f"from_hf takes a transformers GPT2LMHeadModel or GPT2Model, not a {type(src).__name__}.")
+        return src.config.to_dict(), src.state_dict()
+    if isinstance(src, Mapping): return None, dict(src)
+    if not isinstance(src, (str, os.PathLike)):
+        raise HFError(f"from_hf takes a GPT2LMHeadModel, a save_pretrained folder, a hub name, a state dict or a weights file, not a {type(src).__name__}.")
+    p = Path(src).expanduser()
+    if p.is_dir(): return _read_hf_dir(p)
+    if p.is_file(): return _read_hf_dir(p.parent) if p.name == "config.json" else (None, _load_weights(p))
+    if isinstance(src, str) and _HUB_NAME.fullmatch(src) and not src.endswith((".safetensors", ".bin", ".pt", ".pth", ".json")):
+        return _from_hub(src)
+    raise HFError(f"{src}: no such file or folder (from_hf takes a save_pretrained folder, a weights file, or a hub name such as gpt2).")
+
+# %% ../nbs/05_model.ipynb #hf0src07
+def _shape_from_weights(sd: dict) -> dict:
+    "The `ModelConfig` fields a GPT-2 state dict (prefix stripped) shows by its keys and shapes: all but `n_heads`."
+    if "wte.weight" not in sd or "wpe.weight" not in sd:
+        raise HFError(f"Not GPT-2 weights: no wte.weight and wpe.weight among its {len(sd)} keys ({', '.join(list(sd)[:3])}, ...).")
+    (V, C), T = sd["wte.weight"].shape, sd["wpe.weight"].shape[0]
+    inner = sd["h.0.mlp.c_fc.weight"].shape[-1] if "h.0.mlp.c_fc.weight" in sd else 4 * C
+    tied = "lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["wte.weight"])
+    return dict(vocab_size=V, context_length=T, emb_dim=C, n_layers=len({k.split(".")[1] for k in sd if k.startswith("h.")}),
+                mlp_ratio=max(inner // C, 1), bias="h.0.attn.c_attn.bias" in sd, tie_weights=tied)
+
+# %% ../nbs/05_model.ipynb #hf0src10
+_HF_FREE = ("drop_emb", "drop_attn", "drop_resid", "init_std")  # fields an override may change: the function of the weights stays
+
 # %% ../nbs/05_model.ipynb #7f895010
 @patch(cls_method=True)
 def from_hf(cls: Transformer,
-    src,  # a `GPT2LMHeadModel` state dict, or the path of a `.safetensors` file holding one
-    n_heads: int | None = None,  # number of heads (not stored in the weights); default `emb_dim // 64`
-    **overrides,  # other config fields, e.g. dropout
+    src,  # a `GPT2LMHeadModel`/`GPT2Model`, a `save_pretrained` folder, a hub name (`gpt2`), a state dict or a `.safetensors`/`.bin` file
+    n_heads: int | None = None,  # heads per block: from the config when there is one; required for a bare state dict or file
+    **overrides,  # dropout (`drop_emb`, `drop_attn`, `drop_resid`) or `init_std`; other fields must agree with the checkpoint
 ) -> Transformer:
     "Build a `Transformer` shaped like a Hugging Face GPT-2 checkpoint and load its weights."
-    sd = _strip_hf(_load_weights(src))
-    (vocab_size, emb_dim), context_length = sd["wte.weight"].shape, sd["wpe.weight"].shape[0]
-    n_layers = len({k.split(".")[1] for k in sd if k.startswith("h.")})
-    tied = "lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["wte.weight"])
-    cfg = dict(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim, n_layers=n_layers,
-               n_heads=n_heads or max(emb_dim // 64, 1), bias="h.0.attn.c_attn.bias" in sd, tie_weights=tied)
-    return cls(cfg | overrides).load_hf_state_dict(sd)
+    hf_cfg, sd = _hf_source(src)
+    sd = _strip_hf(sd)
+    fields = _shape_from_weights(sd)
+    if hf_cfg is not None:
+        fields = model_config_from_hf(hf_cfg) | {"bias": fields["bias"]}
+        if n_heads is not None and n_heads != fields["n_heads"]:
+            raise HFError(f"n_heads={n_heads}, but the checkpoint's config says n_head={fields['n_heads']}: leave n_heads out.")
+    elif n_heads is None:
+        near = Path(src).parent if isinstance(src, (str, os.PathLike)) and (Path(src).parent/"config.json").is_file() else None
+        raise HFError("A bare state dict does not say how many attention heads the model has, and a wrong guess loads a different "
+                      f"model without an error: pass n_heads=... (GPT-2 124M has 12), or {f'the folder {near}' if near else 'a save_pretrained folder'} "
+                      "whose config.json says.")
+    else: fields["n_heads"] = n_heads
+    if clash := [f"{k}={v!r} (the checkpoint's is {fields[k]!r})" for k, v in overrides.items() if k in fields and k not in _HF_FREE and v != fields[k]]:
+        raise HFError(f"The checkpoint decides the model's shape, and these overrides contradict it: {', '.join(clash)}.")
+    return cls(fields | overrides).load_hf_state_dict(sd)
 
 # %% ../nbs/05_model.ipynb #3788fae8
 # Deliberately circular and last: `inference_utils` imports `Transformer` from this (by now complete) module and adds
