@@ -140,6 +140,29 @@ def test_seeded_shuffling():
     assert list(a.order(0)) == e0 and list(a.order(1)) == e1   # the order is a function of (seed, epoch)
 
 
+def test_sampler_memory_does_not_grow_with_the_number_of_windows():
+    "Two billion windows (a 2B-token corpus read with stride 1): building the sampler and drawing from it holds a few chunks, not a permutation."
+    import tracemalloc
+    tracemalloc.start()
+    s = ResumableSampler(2_000_000_000, seed=1); it = iter(s)
+    first = [next(it) for _ in range(20_000)]
+    peak = tracemalloc.get_traced_memory()[1]; tracemalloc.stop()
+    assert peak < 8 << 20, peak                      # a permutation would be 16 GB
+    assert len(set(first)) == len(first) and max(first) > 1_000_000_000  # distinct, spread over the whole range
+    s2 = ResumableSampler(2_000_000_000, seed=0); s2.load_state_dict(s.state_dict())
+    assert [next(iter(s2)) for _ in range(1)] == [next(it)]   # resumes at the next index
+
+
+@pytest.mark.parametrize("world,n,batch", [(2, 23, 4), (3, 40, 2), (4, 9, 1)])
+def test_ranks_share_one_order(world, n, batch):
+    "Each step, the ranks' batches together are the batch of one process with batch * world; nothing is read twice."
+    ds = NextTokenPredictionDataset(np.arange(n + 1), max_length=1)
+    one = [sorted(x[:, 0].tolist()) for x, _ in create_dataloader(ds, batch_size=batch * world, seed=4)]
+    ranks = [[x[:, 0].tolist() for x, _ in create_dataloader(ds, batch_size=batch, seed=4, rank=r, world_size=world)] for r in range(world)]
+    assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(one)   # every rank the same number of steps
+    assert [sorted(sum(step, [])) for step in zip(*ranks)] == one
+
+
 @pytest.mark.parametrize("drop_last,expected", [(True, [4, 4]), (False, [4, 4, 2])])
 def test_batch_sizes_and_drop_last(drop_last, expected):
     ds = NextTokenPredictionDataset(np.arange(31), max_length=3)   # (31-4)//3+1 = 10 windows
