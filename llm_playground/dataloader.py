@@ -593,5 +593,8 @@ def dataloaders_from_config(
                               shuffle=cfg.shuffle, drop_last=cfg.drop_last, **common)
     if cfg.validation is None: return train, None
     valid = create_dataloader(NextTokenPredictionDataset(cfg.validation, tokenizer, cfg.max_length, cfg.max_length),
-                              shuffle=False, drop_last=False, even=False, **common)
+                              shuffle=False, drop_last=False, **common)  # (several processes: `even`, so they evaluate in step)
+    if len(valid.sampler) == 0:
+        raise DataError(f"The validation data has {len(valid.dataset)} window(s) of {cfg.max_length} tokens, fewer than the {world_size} "
+                        "processes sharing it: use more validation text, a smaller dataset.max_length, or fewer processes.")
     return train, valid
