@@ -398,7 +398,7 @@ def _stream_shard(p: Path, out: Path, tok: Tokenizer, val_ratio, seed, doc_bound
             for split, docs, done in _stream_docs(p, val_ratio, seed, errors, doc_boundary, None, sha):
                 ids = _encode_run(p, docs, done, tok, batch_chars, num_threads, on_batch)
                 fh[split, ".bin"].write(ids.astype(dtype, copy=False).tobytes())
-                fh[split, ".txt"].write((ENDOFTEXT.join(docs) + (ENDOFTEXT if done else "")).encode("utf-8"))
+                fh[split, ".txt"].write((ENDOFTEXT.join(docs) + (ENDOFTEXT if done and docs else "")).encode("utf-8"))
                 entry["documents"][split] += len(docs) - (not done)
                 entry["tokens"][split] += len(ids)
                 entry["utf8_bytes"][split] += sum(len(d.encode("utf-8")) for d in docs)
