@@ -2,12 +2,12 @@
 """Data at scale with bounded memory (issue 12): `lp_preprocess` on a multi-GB text file, and the dataset + sampler on a
 multi-billion-token set of `.bin` shards. Not run in CI (minutes, and GBs of disk).
 
-usage: python bench/scale.py [--gb 2] [--tokens 2e9] [--shards 20] [--batches 2000] [--batch-size 8] [--context 1024]
+usage: python bench/scale.py [--gb 2] [--tokenizer gpt2|bpe] [--overrides K=V ...] [--tokens 2e9] [--shards 20] [--batches 2000] [--batch-size 8] [--context 1024]
                              [--stride N] [--parts preprocess data] [--dir /tmp] [--keep] [--json out.json]
 
 (a) preprocess: writes about --gb GB of generated text (random words of a fixed vocabulary, a few with non-ASCII
     letters, in paragraphs of 20-200 words, an <|endoftext|> every 40 paragraphs) as one shard, then runs the real
-    `lp_preprocess` (GPT-2 BPE, the default config) on it as a subprocess and reports wall time, MB/s of input and its
+    `lp_preprocess` (GPT-2 BPE, the default config; --tokenizer bpe: a BPE trained on the training split) on it as a subprocess and reports wall time, MB/s of input and its
     peak RSS (getrusage of the child), with the tokens from the manifest. The text is 16 distinct generated chunks of
     16 MB written in turn (generating 2 GB of words in Python would take longer than tokenizing them).
 (b) data: writes --tokens random uint16 ids (0..50256) directly as --shards `.bin` files (no manifest: the dataset
@@ -80,7 +80,9 @@ def bench_preprocess(a, root: Path) -> dict:
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from llm_playground.preprocess import main; main()"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    r = subprocess.run([*cmd, f"input_dir={raw}", f"out_dir={out}", "preprocessing.progress=false"], capture_output=True, text=True)
+    r = subprocess.run([*cmd, f"input_dir={raw}", f"out_dir={out}", f"tokenizer={a.tokenizer}", "preprocessing.progress=false",
+                        *a.overrides],
+                       capture_output=True, text=True)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if r.returncode: sys.exit(f"lp_preprocess failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
@@ -90,7 +92,7 @@ def bench_preprocess(a, root: Path) -> dict:
            "documents": m["totals"]["documents"], "out_gb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9}
     print(f"(a) lp_preprocess: {res['input_gb']:.2f} GB in {wall:.0f} s = {res['mb_per_s']:.1f} MB/s, peak RSS {res['peak_rss_mb']:,.0f} MB; "
           f"{sum(res['tokens'].values()):,} tokens ({res['tokens']['validation']:,} validation), outputs {res['out_gb']:.2f} GB")
-    print("    " + r.stdout.strip().splitlines()[-1])
+    print("\n".join("    " + line for line in r.stdout.strip().splitlines()))
     if not a.keep: shutil.rmtree(raw); shutil.rmtree(out)
     return res
 
@@ -150,6 +152,9 @@ def main():
     ap.add_argument("--batches", type=int, default=2000, help="batches to iterate (default 2000)")
     ap.add_argument("--batch-size", type=int, default=8); ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=None, help="window stride (default: the context, no overlap)")
+    ap.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bpe"], help="tokenizer of lp_preprocess (bpe: trained on the training split)")
+    ap.add_argument("--overrides", nargs="*", default=[], help="more Hydra overrides for lp_preprocess, e.g. tokenizer.vocab_size=400 "
+                    "(the generated text has few distinct words: a BPE on it learns at most a few hundred tokens)")
     ap.add_argument("--parts", nargs="+", default=["preprocess", "data"], choices=["preprocess", "data"])
     ap.add_argument("--dir", default=None, help="where the temporary folder goes (default: the system's)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files (their folder is printed)")
