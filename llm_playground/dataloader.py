@@ -96,6 +96,16 @@ class TokenStream:
     def __repr__(self): return f"TokenStream({len(self)} tokens in {len(self.parts)} part(s))"
 
 # %% ../nbs/03_data.ipynb #c3d0e011
+def _read(part: np.ndarray, a: int, b: int) -> np.ndarray:
+    "Tokens `a:b` of `part`; of a memory map, read with `os.pread` (nothing stays mapped in the process)."
+    if not isinstance(part, np.memmap) or part.filename is None: return part[a:b]
+    n = part.dtype.itemsize
+    fd = os.open(part.filename, os.O_RDONLY)
+    try: buf = os.pread(fd, (b - a) * n, part.offset + a * n)
+    finally: os.close(fd)
+    if len(buf) != (b - a) * n: raise DataError(f"{part.filename} is shorter than when it was opened: was it changed during the run?")
+    return np.frombuffer(buf, dtype=part.dtype)
+
 @patch
 def __getitem__(self: TokenStream, idx: slice | int) -> np.ndarray | int:
     "Tokens `idx` of the stream (a slice with step 1, or one position), read across part boundaries."
@@ -110,7 +120,7 @@ def __getitem__(self: TokenStream, idx: slice | int) -> np.ndarray | int:
     out = []
     while start < stop:
         lo, hi = self.offsets[k], self.offsets[k+1]
-        out.append(self.parts[k][start-lo : min(stop, hi)-lo])
+        out.append(_read(self.parts[k], start-lo, min(stop, hi)-lo))
         start, k = min(stop, hi), k+1
     if not out: return np.empty(0, dtype=np.int64)
     return out[0] if len(out) == 1 else np.concatenate(out)
