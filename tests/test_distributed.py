@@ -182,3 +182,13 @@ def test_fsdp_refuses_muon_in_one_line(data, tmp_path):
                                 "optimiser=muon"), env=ENV, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and "lp_pretrain: error: trainer.distributed=fsdp cannot use optimiser.name=muon" in r.stderr
     assert not list((tmp_path/"m").glob("x/*"))  # refused before any run directory was made
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 CUDA GPUs (one per process)")
+def test_two_gpus_train_as_one(data, tmp_path):
+    "On CUDA the backend is NCCL, each rank on the GPU of its LOCAL_RANK; fp32 so the curves compare."
+    out = tmp_path/"models"
+    gpu = ["trainer.device=cuda", "trainer.precision=fp32"]
+    run(torchrun(2, *common(data, out, "two"), "dataset.batch_size=4", *gpu), tmp_path)
+    run(one_process(*common(data, out, "one"), "dataset.batch_size=8", *gpu), tmp_path)
+    assert close(curve(run_dir_of(out, "two")), curve(run_dir_of(out, "one")), tol=1e-3)
