@@ -188,7 +188,7 @@ def test_fsdp_refuses_muon_in_one_line(data, tmp_path):
 def test_two_gpus_train_as_one(data, tmp_path):
     "On CUDA the backend is NCCL, each rank on the GPU of its LOCAL_RANK; fp32 so the curves compare."
     out = tmp_path/"models"
-    gpu = ["trainer.device=cuda", "trainer.precision=fp32"]
-    run(torchrun(2, *common(data, out, "two"), "dataset.batch_size=4", *gpu), tmp_path)
-    run(one_process(*common(data, out, "one"), "dataset.batch_size=8", *gpu), tmp_path)
+    on_gpu = lambda name: [a.replace("trainer.device=cpu", "trainer.device=cuda") for a in common(data, out, name)]
+    run(torchrun(2, *on_gpu("two"), "dataset.batch_size=4"), tmp_path)
+    run(one_process(*on_gpu("one"), "dataset.batch_size=8"), tmp_path)
     assert close(curve(run_dir_of(out, "two")), curve(run_dir_of(out, "one")), tol=1e-3)
