@@ -378,10 +378,11 @@ def _restore_rank_rng(t, st: dict):
 def _load_into(t, path: Path) -> Path:
     "Verify the checkpoint `path`, then restore everything of it into the `Trainer` `t`."
     meta = verify_checkpoint(path)
-    opt_sd = _torch_load(path/"optimizer.pt", t.device)
+    sharded = hasattr(getattr(t, "wrapped", None), "load_full_state_dicts")  # FSDP: the full state, on the CPU, then each rank takes its shard
+    opt_sd = _torch_load(path/"optimizer.pt", "cpu" if sharded else t.device)
     st = _check_state(_torch_load(path/"state.pt", "cpu"), path/"state.pt")
     _check_global_batch(t, st, path)
-    if hasattr(getattr(t, "wrapped", None), "load_full_state_dicts"):  # FSDP: every process loads the whole file into its shards
+    if sharded:  # every process loads the whole file into its shards
         _check_fits(t.model, path/"model.safetensors")
         sd = _read(path/"model.safetensors", lambda: _load_file(str(path/"model.safetensors")))
         _read(path/"optimizer.pt", lambda: t.wrapped.load_full_state_dicts(sd, opt_sd, t.opt))
@@ -392,8 +393,8 @@ def _load_into(t, path: Path) -> Path:
     t.train_time = float(st.get("train_time", 0.0))  # the clock of a time budget continues (older checkpoints: from 0)
     _apply_optimiser_config(t)  # this run's optimiser settings win over the saved ones (a resume may lower the lr)
     t.step, t.epoch, t.batch_in_epoch, t.tokens_seen = st["step"], st["epoch"], st["batch_in_epoch"], st["tokens_seen"]
-    if st.get("world_size", 1) != getattr(t, "world_size", 1) and isinstance(st.get("data"), dict):  # another number of processes:
-        t.batch_in_epoch = -(-st["data"]["samples_yielded"] // (t.train_dl.batch_size * t.world_size))  # its batches so far
+    if isinstance(st.get("data"), dict) and isinstance(getattr(t.train_dl, "batch_size", None), int):  # counted in this run's batches
+        t.batch_in_epoch = -(-st["data"]["samples_yielded"] // (t.train_dl.batch_size * getattr(t, "world_size", 1)))  # (another split of the global batch)
     if t.batch_in_epoch >= len(t.train_dl): t.epoch, t.batch_in_epoch = t.epoch + 1, 0  # the epoch (and its callbacks) ran
     if st.get("data") is not None and hasattr(t.train_dl, "load_state_dict"): _read(path/"state.pt", lambda: t.train_dl.load_state_dict(st["data"]))
     t._restore_rng = lambda: _restore_rank_rng(t, st)  # run by the loop once the data loader is in place

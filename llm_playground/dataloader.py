@@ -9,7 +9,7 @@ __all__ = ['SAMPLER_CHUNK', 'DatasetConfig', 'num_windows', 'find_manifest', 'ma
            'create_dataloader', 'dataloaders_from_config']
 
 # %% ../nbs/03_data.ipynb #fd7dbc28
-import bisect, operator, os
+import bisect, mmap, operator, os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Sized
@@ -97,8 +97,9 @@ class TokenStream:
 
 # %% ../nbs/03_data.ipynb #c3d0e011
 def _read(part: np.ndarray, a: int, b: int) -> np.ndarray:
-    "Tokens `a:b` of `part`; of a memory map, read with `os.pread` (nothing stays mapped in the process)."
-    if not isinstance(part, np.memmap) or part.filename is None: return part[a:b]
+    "Tokens `a:b` of `part`; of a whole memory-mapped file, read with `os.pread` (no pages of it get mapped into the process)."
+    whole = isinstance(part, np.memmap) and isinstance(part.base, mmap.mmap) and part.filename and part.flags.c_contiguous  # (not a view)
+    if not whole: return part[a:b]
     n = part.dtype.itemsize
     fd = os.open(part.filename, os.O_RDONLY)
     try: buf = os.pread(fd, (b - a) * n, part.offset + a * n)

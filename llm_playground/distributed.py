@@ -83,7 +83,7 @@ class _FSDPStepLoss(_StepLoss):
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.get_rank(): return None
         cls = next(c for c in type(self.model).__mro__ if not c.__name__.startswith("FSDP"))  # (fully_shard subclasses it)
-        plain = cls(self.model.cfg)
+        with torch.random.fork_rng(devices=[]): plain = cls(self.model.cfg)  # (its initialisation must not draw from training's random numbers)
         plain.load_state_dict(sd)
         return plain.to(device or "cpu").eval()
 

@@ -92,8 +92,8 @@ def _loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[f
 def _generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     "Continue each context (greedy unless its `gen_kwargs` ask to sample) until a stop string or `max_gen_toks` tokens."
     out = []
-    for ctx, kw in tqdm([r.args for r in requests], disable=disable_tqdm, desc="generate_until"):
-        kw = dict(kw or {})
+    for ctx, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="generate_until"):
+        kw = dict(gen_kwargs or {})
         until = kw.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         until.append(self.tok_decode([self.eot_token_id]))
@@ -106,7 +106,7 @@ def _generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         s = self.tok_decode(new)
         for u in until:
             if u: s = s.split(u)[0]
-        self.cache_hook.add_partial("generate_until", (ctx, dict(r for r in (kw or {}).items())), s)
+        self.cache_hook.add_partial("generate_until", (ctx, gen_kwargs), s)  # keyed as the harness's own models key it
         out.append(s)
     return out
 

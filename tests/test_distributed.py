@@ -192,3 +192,25 @@ def test_two_gpus_train_as_one(data, tmp_path):
     run(torchrun(2, *on_gpu("two"), "dataset.batch_size=4"), tmp_path)
     run(one_process(*on_gpu("one"), "dataset.batch_size=8"), tmp_path)
     assert close(curve(run_dir_of(out, "two")), curve(run_dir_of(out, "one")), tol=1e-3)
+
+
+def test_resume_with_the_global_batch_split_differently(data, tmp_path):
+    "Same global batch, split as 4 x 4 micro-batches instead of 8 x 2: the resumed run sees the same windows, across an epoch end."
+    out, small = tmp_path/"models", tmp_path/"small.txt"
+    small.write_text((data/"train.txt").read_text()[:3000])  # ~190 windows: an epoch is 12 steps of 16 windows
+    args = [a.replace(str(data/"train.txt"), str(small)) for a in common(data, out, "split", steps=20)]
+    run(one_process(*args, "dataset.batch_size=8"), tmp_path)
+    ref = run_dir_of(out, "split"); copy = tmp_path/"resplit"; shutil.copytree(ref, copy)
+    run(one_process(f"resume={copy/'checkpoints/step_00000004'}", "dataset.batch_size=4", "trainer.grad_accum_steps=4"), tmp_path)
+    assert close(curve(copy), curve(ref), tol=1e-5)
+    assert max(r["epoch"] for r in rows(ref)) >= 1  # the run crossed an epoch end
+
+
+def test_fsdp_sampling_leaves_training_alone(data, tmp_path):
+    "Sampling gathers a plain copy of the model; building it must not draw from the training's random numbers (dropout on)."
+    out, base = tmp_path/"models", ["dataset.batch_size=4", "trainer.distributed=fsdp", "model.drop_resid=0.1"]
+    for name, every in (("sampled", 3), ("quiet", 0)):
+        run(torchrun(2, *[a for a in common(data, out, name, steps=8) if not a.startswith("trainer.sampling.every_n_steps")],
+                     *base, f"trainer.sampling.every_n_steps={every}", "trainer.sampling.every_epoch=false"), tmp_path)
+    assert len((run_dir_of(out, "sampled")/"samples.jsonl").read_text().splitlines()) > 0
+    assert curve(run_dir_of(out, "sampled")) == curve(run_dir_of(out, "quiet"))
