@@ -113,29 +113,34 @@ def test_bad_input_creates_nothing(tmp_path):
 # --- one writer per out_dir: two real processes --------------------------------------------------------------------
 
 SLOW_WRITER = """
-import sys, time
+import os, sys, time
 from llm_playground.preprocess import preprocess
 from llm_playground.tokenizer import CharTokenizer
 class Slow(CharTokenizer):
     slept = False
     def encode_batch(self, texts, num_threads=1):
-        if not self.slept: print("encoding", flush=True); time.sleep(float(sys.argv[3])); self.slept = True
+        if not self.slept:  # hold the folder for argv[3] seconds, or until the file argv[4] appears
+            print("encoding", flush=True); t0 = time.time()
+            while time.time() - t0 < float(sys.argv[3]) and not (len(sys.argv) > 4 and os.path.exists(sys.argv[4])): time.sleep(0.05)
+            self.slept = True
         return super().encode_batch(texts, num_threads)
 preprocess(sys.argv[1], sys.argv[2], tokenizer=Slow(), progress=False, verbose=False)
 print("done", flush=True)
 """
 
-def slow_writer(raw: Path, out: Path, sleep: float) -> subprocess.Popen:
-    "A real preprocessing process that holds `out` while it encodes slowly; returns once it is encoding."
-    p = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(raw), str(out), str(sleep)], stdout=subprocess.PIPE, text=True)
+def slow_writer(raw: Path, out: Path, sleep: float, go: Path | None = None) -> subprocess.Popen:
+    "A real preprocessing process that holds `out` while it encodes slowly (until `go` exists, if given); returns once it is encoding."
+    p = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(raw), str(out), str(sleep), *([str(go)] if go else [])],
+                         stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "encoding"
     return p
 
 def test_second_writer_refused(raw, tmp_path):
     out = tmp_path/"out"
-    first = slow_writer(raw, out, 3)
+    go = tmp_path/"go"
+    first = slow_writer(raw, out, 120, go)  # it holds the folder until the second writer has been refused (however slow its start)
     try:
-        r = cli(*run_args(raw, out))
+        r = cli(*run_args(raw, out)); go.touch()
         one_line_error(r, f"{out} is in use by process {first.pid} (lp_preprocess)", "wait for it to finish")
         assert first.stdout.read().strip() == "done" and first.wait(30) == 0
     finally: first.kill(); first.stdout.close()
