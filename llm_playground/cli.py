@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['XZ_MAX_BYTES', 'SUMMARY_MAX_BATCHES', 'PretrainConfig', 'validate_pretrain_config', 'check_compatible', 'latest_run',
            'config_diff', 'run_config', 'resume_config', 'prepare_run', 'split_text', 'xz_baseline', 'pretrain',
-           'pretrain_main', 'load_model', 'SampleConfig', 'sample', 'sample_main', 'main']
+           'pretrain_main', 'load_model', 'SampleConfig', 'sample', 'sample_main', 'main', 'speedrun_demo']
 
 # %% ../nbs/08_cli.ipynb #3102acee
-import contextlib, json, shutil, sys
+import contextlib, io, json, shutil, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, List, Optional, Sequence
@@ -16,6 +16,8 @@ from typing import Any, ClassVar, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .corpus import make_corpus
+from .preprocess import preprocess_from_config
 from .config import ConfigError, compose_config, get_device, hydra_main, resolve_root, seed_everything, validate_config
 from .dataloader import DatasetConfig, bundle_tokenizer, dataloaders_from_config, tokenizer_for_data
 from .inference_utils import generate_text, quantize_int8, vocab_guard
@@ -396,3 +398,25 @@ def main(argv: Sequence[str] | None = None):
 # %% ../nbs/08_cli.ipynb #29c0dbb9
 #| eval: false
 if __name__ == "__main__": main()
+
+# %% ../nbs/08_cli.ipynb #5a0f0002
+def speedrun_demo(
+    work_dir: str | Path,  # a folder for the text (`raw/`), its tokens (`data/`) and the run (`models/`); created if missing
+    steps: int = 300,  # optimiser steps of training (a fixed amount of work, whatever the machine's load)
+    overrides: Sequence[str] = (),  # more `lp_pretrain` overrides, e.g. `trainer.sampling.show=true`
+    verbose: bool = False,  # print what `pretrain` prints (and the samples, if shown); else one line at the end
+) -> Path:  # the run directory (load it with `load_model`)
+    "Train `experiment=cpu_speedrun` on the packaged Tiny Shakespeare for `steps` steps in `work_dir`; return the run directory."
+    work = Path(work_dir).expanduser().resolve()
+    make_corpus(compose_config("corpus", ["corpus=tinyshakespeare"]).corpus, work/"raw", verbose=False)
+    preprocess_from_config(compose_config("preprocess", ["experiment=cpu_speedrun", f"input_dir={work/'raw'}", f"out_dir={work/'data'}",
+                                                         "preprocessing.progress=false", "preprocessing.verbose=false"]))
+    ov = ["experiment=cpu_speedrun", f"dataset.train={work/'data'/'train'}", f"dataset.validation={work/'data'/'validation'}",
+          f"trainer.output_dir={work/'models'}", "trainer.max_time=null", f"trainer.max_steps={steps}", "trainer.progress=false",
+          "trainer.plot=false", "trainer.sampling.show=false", "trainer.sampling.max_new_tokens=50", *overrides]
+    out = sys.stdout if verbose else io.StringIO()
+    with contextlib.redirect_stdout(out): t = pretrain(compose_config("pretrain", ov), ov)
+    ev = t.final_eval or {}
+    if not verbose and ev.get("val_bpb") is not None:
+        print(f"cpu_speedrun, {t.step} steps: validation loss {ev['val_loss']:.3f}, {ev['val_bpb']:.3f} bits per byte")
+    return t.run_dir
