@@ -15,9 +15,12 @@ Peak RSS is not measured here (all loops share one process); `--nanogpt` measure
 ../shared/bench/train_vs_nanogpt.py (BENCH_HARNESS overrides its path), in the same alternating rounds, and adds the
 peak RSS of every process (ru_maxrss from wait4) to its results. `--lp` passes extra lp_pretrain overrides.
 `--profile` prints where one Trainer step spends its time (torch.profiler, self CPU time by op).
+`--overhead` measures the Trainer's own cost per step in ms (against the bare loop on a tiny model) and its share of
+a step of the shape above.
 
 usage: python bench/train.py [--steps 6] [--rounds 2] [--batch 4] [--device auto] [--precisions fp32,bf16]
            [--variants plain-loss,foreach-adamw] [--profile]
+       python bench/train.py --overhead
        NANOGPT_DIR=/work/nanoGPT python bench/train.py --nanogpt [--iters 12] [--rounds 2] [--lp "model.vocab_size=50304"]
 """
 import argparse, functools, importlib.util, math, os, statistics, subprocess, sys, tempfile, time, types
@@ -54,23 +57,28 @@ class StepTimes(Callback):
         self.times.append(time.perf_counter() - self.t0)
 
 
-def make_model(seed=0):
+SHAPE = dict(vocab_size=50257, context_length=256, emb_dim=384, n_layers=6, n_heads=6)  # the issue's shape
+TINY = dict(vocab_size=512, context_length=32, emb_dim=32, n_layers=1, n_heads=2)  # --overhead: almost no compute per step
+
+
+def make_model(seed=0, shape=None):
     torch.manual_seed(seed)
-    return Transformer(vocab_size=50257, context_length=256, emb_dim=384, n_layers=6, n_heads=6)
+    return Transformer(**(shape or SHAPE))
 
 
-def batches(n, batch, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 50257, (batch, 256), generator=g),) * 2 for _ in range(n)]
+def batches(n, batch, device, seed=0, shape=None):
+    g, c = torch.Generator().manual_seed(seed), shape or SHAPE
+    return [(torch.randint(0, c["vocab_size"], (batch, c["context_length"]), generator=g),) * 2 for _ in range(n)]
 
 
 VARIANTS = {"plain-loss": (dict(fused_loss=False), {}), "foreach-adamw": ({}, dict(fused=False))}  # name -> trainer, optimiser overrides
 
 
-def bench(precision, args, device):
+def bench(precision, args, device, shape=None):
     variants = [v for v in args.variants.split(",") if v]
     total = args.rounds * args.steps * (2 + len(variants)) + 2 + len(variants)
-    data = batches(total, args.batch, device)
+    data = batches(total, args.batch, device, shape=shape)
+    make_model = functools.partial(globals()["make_model"], shape=shape)
     cfg = dict(device=str(device), precision=precision, max_steps=10**9, progress=False, plot=False, log_steps=10, eval_steps=0,
                save_steps=0, sampling=dict(prompts=[], every_epoch=False))
     # the Trainer: default callbacks, no run directory (nothing written), no validation data
@@ -105,7 +113,7 @@ def bench(precision, args, device):
         for f in (loops if r % 2 == 0 else loops[::-1]): f(args.steps)
     if args.profile: profile_step(t)
     extra = {v: statistics.median(o.cbs[-1].times) for v, o in others.items()}
-    return statistics.median(bare_times), statistics.median(timer.times), t.model.flops_per_token(256), t.precision, extra
+    return statistics.median(bare_times), statistics.median(timer.times), t.model.flops_per_token((shape or SHAPE)["context_length"]), t.precision, extra
 
 
 def profile_step(t, rows=12):
@@ -162,6 +170,22 @@ def nanogpt(args):
         print(f"PEAK_RSS {v}: {max(xs) / 2**30:.2f} GiB" + (f", {max(xs) / base:.2f}x nano-fp32" if base else ""))
 
 
+def overhead(args):
+    """The Trainer's bookkeeping per step (callbacks, divergence guard, clock, metrics), in milliseconds: its step time minus
+    the bare loop's on a 1-layer, 32-wide model, where compute is a fraction of a millisecond; then that cost as a
+    share of a bare step of the issue's shape (6 x 384, context 256), measured in the same run."""
+    device = get_device(args.device)
+    a = argparse.Namespace(**{**vars(args), "variants": "", "rounds": max(args.rounds, 4), "steps": max(args.steps, 100)})
+    bare, trainer, *_ = bench("fp32", a, device, shape=TINY)
+    big = argparse.Namespace(**{**vars(args), "variants": "", "rounds": 1, "steps": 3})
+    big_bare, *_ = bench("auto", big, device)
+    ms = 1000 * (trainer - bare)
+    print(f"tiny model ({a.rounds} rounds x {a.steps} steps): bare loop {1000 * bare:.2f} ms/step, Trainer {1000 * trainer:.2f} ms/step: "
+          f"the Trainer's own cost {ms:.2f} ms/step")
+    print(f"issue's shape, bare loop in {'bf16' if device.type == 'cpu' else 'auto precision'}: {big_bare:.3f} s/step, "
+          f"so the Trainer adds {100 * ms / 1000 / big_bare:.2f}% to it")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6, help="timed steps per loop per round")
@@ -175,8 +199,10 @@ def main():
     p.add_argument("--iters", type=int, default=12, help="--nanogpt: steps per run (the first 3 not timed)")
     p.add_argument("--nano-variants", default="nano-fp32,nano-bf16,lp-fp32,lp-bf16", help="--nanogpt: the harness's variants")
     p.add_argument("--lp", default="", help="--nanogpt: extra lp_pretrain overrides")
+    p.add_argument("--overhead", action="store_true", help="the Trainer's own cost per step, in ms, on a model too small to hide it")
     args = p.parse_args()
     if args.nanogpt: return nanogpt(args)
+    if args.overhead: return overhead(args)
     device = get_device(args.device)
     seed_everything(0)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; model 6 layers x 384, context 256, "
