@@ -155,6 +155,7 @@ def prepare_run(
     tokenizer, tok_cfg = tokenizer_for_data(cfg.tokenizer, cfg.dataset.train, base_dir=ckpt.parent.parent if ckpt is not None else None)
     cfg.tokenizer = OmegaConf.create(tok_cfg)  # names a trained tokenizer's file and sha256: config.yaml rebuilds exactly it
     check_compatible(cfg, tokenizer)
+    if init is not None: from llm_playground.hf import check_init_tokenizer; check_init_tokenizer(cfg, tokenizer)  # (chapter 11)
     train_dl, valid_dl = dataloaders_from_config(cfg.dataset, tokenizer, rank, world)  # this process's share
     trainer = Trainer(init if init is not None else Transformer(cfg.model), train_dl, valid_dl, cfg.trainer, cfg.optimiser, tokenizer=tokenizer)
     if rank: seed_everything(cfg.trainer.seed + rank)  # dropout: other masks on each process (rank 0 goes on as one process would)

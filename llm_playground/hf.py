@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['hf_state_dict', 'hf_tokenizer_files', 'save_hf', 'ExportConfig', 'export', 'export_main', 'hf_tokenizer', 'load_hf',
-           'init_from_hf']
+           'init_from_hf', 'check_init_tokenizer']
 
 # %% ../nbs/11_hf.ipynb #6c4912a0
 import dataclasses, json, os, shutil, sys, warnings
@@ -194,3 +194,20 @@ def init_from_hf(
                                 "Leave these out (dropout may differ).")
     cfg.model = OmegaConf.create(dataclasses.asdict(model.cfg))  # what config.yaml records: resume and lp_sample need no Hugging Face
     return model
+
+# %% ../nbs/11_hf.ipynb #a11c0002
+_PROBE = "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n\tNaïve café, déjà vu: 'ok' -- \"fine\"?"
+
+def check_init_tokenizer(
+    cfg: DictConfig,  # the run's config, `init_from=hf:...` and `model` (the checkpoint's shape, set by `init_from_hf`)
+    tokenizer: Tokenizer,  # the tokenizer of the run's data
+):
+    "Refuse a run whose data were tokenized otherwise than the Hugging Face model it starts from (when that model's tokenizer is known)."
+    ref = hf_tokenizer(str(cfg.init_from)[3:])
+    if ref.vocab_size > cfg.model.vocab_size: return  # not GPT-2's vocabulary and no tokenizer.json: nothing to compare with
+    try: same = ref.encode(_PROBE) == tokenizer.encode(_PROBE) and ref.eot_token == tokenizer.eot_token
+    except (ValueError, KeyError, UserError): same = False  # (a tokenizer that cannot even encode the probe text)
+    if not same:
+        raise ConfigError(f"init_from={cfg.init_from} was trained with the {ref.name} tokenizer, but this run's data were tokenized with "
+                          f"{tokenizer.name}: its embeddings would read other tokens. Preprocess the data with the model's tokenizer "
+                          f"(GPT-2's: lp_preprocess tokenizer=gpt2 ...; a tokenizer.json: tokenizer=bpe tokenizer.path=<it>).")

@@ -325,6 +325,18 @@ def test_lp_pretrain_init_from_hf(tmp_path):
     with pytest.raises(ConfigError, match="give one of them"): prepare_run(compose_config("pretrain", ov), ov)
 
 
+def test_init_from_refuses_data_of_another_tokenizer(tmp_path):
+    "A GPT-2-vocabulary model with no tokenizer.json reads GPT-2 ids: a run on character ids is refused before anything is written."
+    from llm_playground.cli import prepare_run
+    from llm_playground.config import ConfigError, compose_config
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1, n_head=2)).save_pretrained(tmp_path/"g")
+    ov = ["tokenizer=char", f"dataset.train={FIXTURE}", "dataset.validation=null", "dataset.max_length=16", "trainer.device=cpu",
+          f"init_from=hf:{tmp_path/'g'}", f"trainer.output_dir={tmp_path/'models'}"]
+    with pytest.raises(ConfigError, match="was trained with the gpt2 tokenizer, but this run's data were tokenized with char"):
+        prepare_run(compose_config("pretrain", ov), ov)
+    assert not (tmp_path/"models").exists()
+
+
 def test_without_transformers_one_line_says_how_to_install(monkeypatch, tmp_path):
     "transformers is an optional extra: only a hub name needs it, and without it the error says how to install it."
     monkeypatch.setitem(sys.modules, "transformers", None)   # `import transformers` now fails, as where it is not installed
