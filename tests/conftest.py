@@ -11,6 +11,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def sigint_default():
+    """`preexec_fn` for a child that a test will Ctrl-C: SIGINT back to its default action, as under a terminal. A process
+    started in the background by a non-interactive shell (a CI runner's `cmd &`, `nohup`) inherits SIGINT *ignored*, and
+    Python then never installs its KeyboardInterrupt handler, so the test's Ctrl-C would do nothing."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # --- real faults: a small full-able file system, and a read-only one ---------------------------------------------------
 import os, subprocess, uuid
 from pathlib import Path

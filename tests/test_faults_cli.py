@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import remount_readonly
+from conftest import remount_readonly, sigint_default
 from llm_playground.checkpoint import list_checkpoints, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,8 +164,18 @@ def test_sample_from_a_damaged_run(small_run, tmp_path):
 
 
 def _start(*args):
+    "The CLI as a child process (faulthandler on: `_interrupt` makes a hung one print where each of its threads is)."
     return subprocess.Popen([sys.executable, "-m", "llm_playground.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"), preexec_fn=sigint_default)
+
+
+def _interrupt(p, timeout=60) -> str:
+    "Ctrl-C `p` and return its stderr; if it has not exited after `timeout` s, abort it and fail with its threads' tracebacks."
+    p.send_signal(signal.SIGINT)
+    try: return p.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT); err = p.communicate()[1]
+        pytest.fail(f"still running {timeout} s after Ctrl-C; its threads:\n{err[-6000:]}")
 
 
 def test_ctrl_c_says_what_was_kept(tmp_path):
@@ -174,14 +184,14 @@ def test_ctrl_c_says_what_was_kept(tmp_path):
             "trainer.sampling.prompts=[]", "trainer.log_steps=1")
     p = _start(*args, f"trainer.output_dir={tmp_path/'a'}", "trainer.save_steps=0")
     _wait_for(lambda: any((tmp_path/"a").glob("smoke/*/metrics.jsonl")))
-    p.send_signal(signal.SIGINT); _, err = p.communicate(timeout=60)
+    err = _interrupt(p)
     assert p.returncode == 130
     run_dir = err.split("so the new run directory ")[-1].split(" was removed")[0]
     assert err.strip().splitlines()[-1] == f"lp_pretrain: interrupted. No checkpoint was written yet, so the new run directory {run_dir} was removed."
     assert not (tmp_path/"a").exists()   # the run, its experiment folder and the output folder made for it
     p = _start(*args, f"trainer.output_dir={tmp_path/'b'}", "trainer.save_steps=2")
     _wait_for(lambda: any((tmp_path/"b").glob("smoke/*/checkpoints/step_*/checkpoint.json")))
-    p.send_signal(signal.SIGINT); _, err = p.communicate(timeout=60)
+    err = _interrupt(p)
     assert p.returncode == 130 and "continue with lp_pretrain resume=latest" in err.strip().splitlines()[-1], err
     run_dir = next((tmp_path/"b").glob("smoke/*"))
     for c in list_checkpoints(run_dir): verify_checkpoint(c)

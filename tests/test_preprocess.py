@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import sigint_default
+
 from llm_playground.corpus import write_python_docs
 from llm_playground.preprocess import load_manifest, preprocess
 from llm_playground.tokenizer import ENDOFTEXT, GPT2Tokenizer, gpt2_encoding
@@ -240,7 +242,7 @@ def test_ctrl_c_subprocess(tmp_path):
     for k in range(3): write_python_docs(raw, num_shards=4, name=f"copy{k}", verbose=False)  # 12 shards, ~1.4 MB
     p = subprocess.Popen(cli_cmd("lp_preprocess", f"input_dir={raw}", f"out_dir={tmp_path/'out'}", "preprocessing.num_threads=1",
                                  "preprocessing.batch_chars=20000"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=sigint_default)
     first = p.stdout.readline()              # the first shard is done
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
