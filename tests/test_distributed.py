@@ -8,18 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_resume import real_text
+from test_resume import data  # noqa: F401  (the fixture: a few KB of real prose, split 90/10 into train.txt and valid.txt)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    text = real_text()
-    n = len(text) // 10
-    (d/"train.txt").write_text(text[:-n]); (d/"valid.txt").write_text(text[-n:])
-    return d
 
 
 def common(data, out, name, steps=24):
