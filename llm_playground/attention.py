@@ -33,7 +33,7 @@ def _explicit_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
     w = scores.softmax(dim=-1).nan_to_num(0.0).to(v.dtype)  # a query with no visible key gets zero weights, as in SDPA
     return F.dropout(w, dropout_p) @ v, w
 
-EXPLICIT_MAX_KEYS = 256  # up to this many keys, training on CPU in bf16 takes the written-out path (see below)
+EXPLICIT_MAX_KEYS = 128  # up to this many keys, training on CPU in bf16 takes the written-out path (see below)
 
 def _explicit_is_faster(q, n_keys):
     "Training on CPU in bf16 over a short context, where SDPA's flash kernel is slower than the written-out softmax."

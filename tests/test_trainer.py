@@ -1,6 +1,6 @@
 """Trainer behaviour the notebook does not pin down: bf16 autocast training on real text, gradient accumulation
 equivalence, the schedule's length, the non-finite-loss stop, and precision checks."""
-import math, string
+import json, math, string, subprocess, sys
 
 import numpy as np
 import pytest
@@ -163,3 +163,28 @@ def test_signature_defaults_are_the_schema_defaults():
             "CheckpointCB.save_steps", "CheckpointCB.keep_last", "CheckpointCB.keep_best", "prune_checkpoints.keep_last",
             "prune_checkpoints.keep_best", "find_checkpoint.fallback"} <= checked, sorted(checked)
     assert inspect.signature(param_groups).parameters["weight_decay"].default is inspect.Parameter.empty
+
+
+FAULTS_AFTER_FIT = """
+import json, resource, sys, torch
+from llm_playground.trainer import Trainer
+from llm_playground.transformer import Transformer
+torch.manual_seed(0)
+data = [(torch.randint(0, 64, (2, 16)),) * 2] * 2
+Trainer(Transformer(vocab_size=64, context_length=16, emb_dim=16, n_layers=1, n_heads=2), data,
+        cfg=dict(device="cpu", precision="fp32", max_steps=2, reuse_memory=sys.argv[1] == "1"), default_cbs=False).fit()
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2): x = torch.ones(2**24); del x  # 64 MB: the first ones fault their pages in in any case
+f0 = faults()
+for _ in range(5): x = torch.ones(2**24); del x
+print(json.dumps((faults() - f0) / 5))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reuse_freed_memory acts on glibc's malloc only")
+def test_fit_keeps_freed_memory_for_reuse_only_when_asked():
+    "After `fit` with trainer.reuse_memory (the default) a 64 MB tensor reuses freed pages; with it off, each one is faulted in afresh."
+    faults = {on: json.loads(subprocess.run([sys.executable, "-c", FAULTS_AFTER_FIT, on], capture_output=True, text=True,
+                                            check=True).stdout) for on in ("1", "0")}
+    assert faults["1"] < 100, faults    # 64 MB = 16,384 pages of 4 KiB (fewer, larger ones with transparent huge pages)
+    assert faults["0"] > 20 * max(faults["1"], 1), faults
