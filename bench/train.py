@@ -116,7 +116,7 @@ def bench(precision, args, device, shape=None):
     return statistics.median(bare_times), statistics.median(timer.times), t.model.flops_per_token((shape or SHAPE)["context_length"]), t.precision, extra
 
 
-def profile_step(t, rows=12):
+def profile_step(t, rows=int(os.environ.get("PROFILE_ROWS", 12))):
     "Print the ops one Trainer step spends its time on (self CPU time)."
     from torch.profiler import profile
     with profile() as prof: t.total_steps = t.step + 1; t.fit()

@@ -33,10 +33,16 @@ def _explicit_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
     w = scores.softmax(dim=-1).nan_to_num(0.0).to(v.dtype)  # a query with no visible key gets zero weights, as in SDPA
     return F.dropout(w, dropout_p) @ v, w
 
-EXPLICIT_MAX_KEYS = 128  # up to this many keys, training on CPU in bf16 takes the written-out path (see below)
+def _low_precision_attention(q, k, v, dropout_p=0.0):
+    "Causal attention in `q`'s precision: bf16 scores and weights (the softmax kernel computes in fp32 inside)."
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    scores.masked_fill_(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))  # (every query sees itself: no empty row)
+    return F.dropout(torch.softmax(scores, -1), dropout_p) @ v
+
+EXPLICIT_MAX_KEYS = 512  # up to this many keys, causal training on CPU in bf16 takes the written-out path (see below)
 
 def _explicit_is_faster(q, n_keys):
-    "Training on CPU in bf16 over a short context, where SDPA's flash kernel is slower than the written-out softmax."
+    "Training on CPU in bf16 over a context short enough that the written-out softmax beats SDPA's flash kernel."
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and n_keys <= EXPLICIT_MAX_KEYS
 
 # %% ../nbs/04_attention.ipynb #8bc3f0d3
@@ -76,7 +82,8 @@ def forward(self: MultiHeadAttention,
     if mask is None and 1 < T < S: mask = causal_mask(T, S, x.device)   # queries are the last T of S positions
     is_causal = mask is None and T > 1
     p = self.drop_attn if self.training else 0.0
-    if return_attn or _explicit_is_faster(q, S): y, w = _explicit_attention(q, k, v, mask, is_causal, p)
+    if return_attn: y, w = _explicit_attention(q, k, v, mask, is_causal, p)
+    elif is_causal and _explicit_is_faster(q, S): y = _low_precision_attention(q, k, v, p)
     else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
     y = self.resid_drop(self.proj(y.to(dt).transpose(1, 2).reshape(B, T, C)))
     return (y, w) if return_attn else y

@@ -58,7 +58,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         few = math.ceil(h.shape[0] / chunk_rows) <= LOW_PRECISION_SUMS
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         gh = torch.empty_like(hc) if grads else None
-        gW = torch.zeros(W.shape, dtype=dtype if few else torch.float32, device=W.device) if grads else None
+        gWt = torch.zeros(W.shape[::-1], dtype=dtype if few else torch.float32, device=W.device) if grads else None  # the weight's gradient, transposed
         for s in range(0, h.shape[0], chunk_rows):
             x, t, k = hc[s:s + chunk_rows], tgt[s:s + chunk_rows], keep[s:s + chunk_rows]
             p = torch.softmax(x @ Wc.T, -1)  # one chunk's probabilities, in `dtype` (the kernel computes in fp32)
@@ -69,19 +69,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p[rows, t] = (pt - 1).to(dtype)  # d loss / d logits = softmax - one_hot(target), in place
             if masked: p.mul_(k[:, None].to(dtype))  # ignored positions: no gradient
             torch.mm(p, Wc, out=gh[s:s + chunk_rows])
-            if gW.dtype == dtype: gW.addmm_(p.T, x)
-            else: gW.add_(p.T @ x)  # (many chunks: a bf16 product per chunk, summed in fp32)
+            xt = x.T.contiguous()  # `x.T @ p` is the faster orientation of this product on CPU (0.82x the time of `p.T @ x`)
+            if gWt.dtype == dtype: gWt.addmm_(xt, p)
+            else: gWt.add_(xt @ p)  # (many chunks: a bf16 product per chunk, summed in fp32)
         n = keep.sum()
-        ctx.save_for_backward(gh, gW, n)
+        ctx.save_for_backward(gh, gWt, n)
         ctx.dtypes, ctx.used = (h.dtype, W.dtype), False
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.used: raise RuntimeError("fused_lm_loss: a second backward through the same loss (its stored gradients are spent).")
-        gh, gW, n = ctx.saved_tensors
+        gh, gWt, n = ctx.saved_tensors
         ctx.used, s = True, grad_loss / n
-        return (gh.float() * s).to(ctx.dtypes[0]), (gW.float() * s).to(ctx.dtypes[1]), None, None, None, None
+        gW = torch.empty(gWt.shape[::-1], dtype=torch.float32, device=gWt.device).copy_(gWt.T).mul_(s)  # back to `[V, C]`, contiguous
+        return (gh.float() * s).to(ctx.dtypes[0]), gW.to(ctx.dtypes[1]), None, None, None, None
 
 # %% ../nbs/07b_trainer.ipynb #b69691f9
 def fused_lm_loss(
