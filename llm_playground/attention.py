@@ -35,9 +35,11 @@ def _explicit_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
 
 def _low_precision_attention(q, k, v, dropout_p=0.0):
     "Causal attention in `q`'s precision: bf16 scores and weights (the softmax kernel computes in fp32 inside)."
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    scores.masked_fill_(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))  # (every query sees itself: no empty row)
-    return F.dropout(torch.softmax(scores, -1), dropout_p) @ v
+    (B, H, T, d), S = q.shape, k.shape[-2]
+    bias = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(~causal_mask(T, S, q.device), float("-inf"))
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, d), k.reshape(B * H, S, d).transpose(1, 2), alpha=d ** -0.5)  # mask and scale in the product
+    w = F.dropout(torch.softmax(scores, -1), dropout_p)  # (every query sees itself: no row is all -inf)
+    return (w @ v.reshape(B * H, S, d)).view(B, H, T, d)
 
 EXPLICIT_MAX_KEYS = 512  # up to this many keys, causal training on CPU in bf16 takes the written-out path (see below)
 
