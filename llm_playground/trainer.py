@@ -46,7 +46,7 @@ def chunk_rows_for(
 ) -> int:  # positions per chunk
     "Split `n` positions into equal chunks of at most `CHUNK_BYTES` of logits each."
     chunks = max(1, math.ceil(n * vocab_size * torch.finfo(dtype).bits // 8 / CHUNK_BYTES))
-    return math.ceil(n / chunks)
+    return max(1, math.ceil(n / chunks))  # (at least 1: an empty batch has one empty chunk)
 
 # %% ../nbs/07b_trainer.ipynb #bf8458ea
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -54,24 +54,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, targets, chunk_rows, dtype, grads):
         hc, Wc, keep = h.to(dtype), W.to(dtype), targets != IGNORE_INDEX
-        tgt, tiny, masked = targets.clamp_min(0), torch.finfo(torch.float32).tiny, not bool(keep.all())
-        few = math.ceil(h.shape[0] / chunk_rows) <= LOW_PRECISION_SUMS
+        tgt, tiny, kx = targets.clamp_min(0), torch.finfo(torch.float32).tiny, keep[:, None].to(dtype)
+        bf16 = dtype == torch.bfloat16  # probabilities and sums kept in bf16 (fp32's range); fp16's range is too narrow for them
+        acc = dtype if bf16 and math.ceil(len(h) / chunk_rows) <= LOW_PRECISION_SUMS else torch.float32
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         gh = torch.empty_like(hc) if grads else None
-        gWt = torch.zeros(W.shape[::-1], dtype=dtype if few else torch.float32, device=W.device) if grads else None  # the weight's gradient, transposed
-        for s in range(0, h.shape[0], chunk_rows):
+        gWt = torch.zeros(W.shape[::-1], dtype=acc, device=W.device) if grads else None  # the weight's gradient, transposed
+        for s in range(0, len(h), chunk_rows):
             x, t, k = hc[s:s + chunk_rows], tgt[s:s + chunk_rows], keep[s:s + chunk_rows]
-            p = torch.softmax(x @ Wc.T, -1)  # one chunk's probabilities, in `dtype` (the kernel computes in fp32)
+            p = torch.softmax(x @ Wc.T, -1, dtype=None if bf16 else torch.float32)  # one chunk's probabilities (bf16: computed in fp32 inside)
             rows = torch.arange(len(t), device=t.device)
             pt = p[rows, t].float()  # the targets' probabilities
-            loss -= (torch.log(pt.clamp_min(tiny)) * k).sum()
+            if bf16: p[rows, t] = 0  # (then the others' sum is 1 - pt: a bf16 pt is 1 above 0.998, the sum keeps what is left)
+            rest = p.sum(-1).float() if bf16 else 1 - pt  # (a bf16 sum accumulates in fp32; its result is small, so bf16 holds it well)
+            sure = pt > 0.5
+            loss -= (torch.where(sure, torch.log1p(-rest), torch.log(pt.clamp_min(tiny))) * k).sum()
             if not grads: continue
-            p[rows, t] = (pt - 1).to(dtype)  # d loss / d logits = softmax - one_hot(target), in place
-            if masked: p.mul_(k[:, None].to(dtype))  # ignored positions: no gradient
-            torch.mm(p, Wc, out=gh[s:s + chunk_rows])
-            xt = x.T.contiguous()  # `x.T @ p` is the faster orientation of this product on CPU (0.82x the time of `p.T @ x`)
-            if gWt.dtype == dtype: gWt.addmm_(xt, p)
-            else: gWt.add_(xt @ p)  # (many chunks: a bf16 product per chunk, summed in fp32)
+            p[rows, t] = torch.where(sure, -rest, pt - 1).to(p.dtype)  # d loss / d logits = softmax - one_hot(target), in place
+            g = p.to(dtype)  # (fp16: the fp32 probabilities, cast for the products)
+            torch.mm(g, Wc, out=gh[s:s + chunk_rows])
+            gh[s:s + chunk_rows] *= kx[s:s + chunk_rows]  # ignored positions: no gradient
+            xt = (x * kx[s:s + chunk_rows]).T
+            if xt.device.type == "cpu": xt = xt.contiguous()  # on CPU `x.T @ p` is the faster orientation (0.82x the time of `p.T @ x`)
+            if acc == dtype: gWt.addmm_(xt, g)
+            else: gWt.add_(xt @ g)  # (many bf16 chunks, or fp16: a product per chunk, summed in fp32)
         n = keep.sum()
         ctx.save_for_backward(gh, gWt, n)
         ctx.dtypes, ctx.used = (h.dtype, W.dtype), False
@@ -178,7 +184,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model for training
     distributed: str = "ddp"  # with several processes (torchrun): ddp (a replica each) or fsdp (parameters, gradients, optimiser state sharded; FSDP2)
     fused_loss: bool = True  # default loss: head and cross-entropy chunk by chunk (`fused_lm_loss`), never all the logits at once
-    reuse_memory: bool = True  # `fit` makes this process keep freed memory for reuse (`reuse_freed_memory`, glibc): no fresh pages faulted in for every step's tensors
+    reuse_memory: bool = True  # on CPU, `fit` makes this process keep freed memory for reuse (`reuse_freed_memory`, glibc): no fresh pages faulted in for every step's tensors
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     num_epochs: int = 3  # passes over the training data
     max_steps: Optional[int] = None  # stop after this many optimiser steps (overrides num_epochs)
@@ -435,7 +441,7 @@ def fit(self: Trainer):
     "Train until `total_steps` optimiser steps are done, or `max_time` seconds are spent (counting those of a resumed run)."
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if self.cfg.deterministic: torch.use_deterministic_algorithms(True)
-    if self.cfg.reuse_memory: reuse_freed_memory()  # process-wide, and left on: see `00a_utils`
+    if self.cfg.reuse_memory and self.device.type == "cpu": reuse_freed_memory()  # process-wide, and left on: see `00a_utils`
     if self.cfg.compile and self.fwd_model is self.model:
         self.fwd_model = torch.compile(self.model)
         if _has_fused_head(self.model): self.fwd_hidden = torch.compile(self.model.hidden_states)

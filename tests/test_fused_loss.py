@@ -43,9 +43,10 @@ def test_same_loss_and_gradients_fp32(tie, chunk_rows):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_bf16_as_close_to_fp32_as_the_plain_path(tie):
+@pytest.mark.parametrize("chunk_rows", [None, 6, 5])  # 48 positions: 1 chunk; 8 (weight gradient summed in bf16); 10 (in fp32)
+def test_bf16_as_close_to_fp32_as_the_plain_path(tie, chunk_rows):
     m = model(tie)
-    (lr, gr), (lp, gp), (lf, gf) = grads(m, False, "fp32"), grads(m, False, "bf16"), grads(m, True, "bf16", 5)
+    (lr, gr), (lp, gp), (lf, gf) = grads(m, False, "fp32"), grads(m, False, "bf16"), grads(m, True, "bf16", chunk_rows)
     assert abs(lf - lp) < 1e-2 and abs(lf - lr) < 2e-2
     for n in gr:
         err_f, err_p = (gf[n] - gr[n]).norm(), (gp[n] - gr[n]).norm()
@@ -93,3 +94,51 @@ def test_loss_func_swapped_after_init_is_used():
     assert t.fused
     t.loss_func = lambda logits, targets: lm_loss(logits, targets) * 0 + 123.0
     assert not t.fused and t._loss(x, y).item() == 123.0
+
+
+def head_case(h, W, y, fused, prec, chunk_rows=None):
+    "Loss and gradients of hidden states and head weight for given tensors, through the fused or the plain path."
+    h, W = h.clone().requires_grad_(), W.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
+        loss = fused_lm_loss(h, W, y, chunk_rows) if fused else lm_loss(h @ W.T, y)
+    loss.backward()
+    return loss.detach(), h.grad, W.grad
+
+
+def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 8])
+def test_bf16_confident_targets_keep_their_gradient(chunk_rows):
+    "Targets the model is sure of (p > 0.998, which rounds to 1 in bf16) still get their small loss and gradient."
+    g = torch.Generator().manual_seed(0)
+    W, y = torch.randn(300, 32, generator=g) * 0.3, torch.randint(0, 300, (4, 16), generator=g)
+    h = W[y] * 8 + 0.1 * torch.randn(4, 16, 32, generator=g)  # median p(target) 0.99998
+    ref, plain, fused = head_case(h, W, y, False, "fp32"), head_case(h, W, y, False, "bf16"), head_case(h, W, y, True, "bf16", chunk_rows)
+    assert abs(fused[0] - ref[0]) <= 0.02 * ref[0], (fused[0], ref[0])
+    for f, p, r in zip(fused[1:], plain[1:], ref[1:]): assert rel(f, r) <= 1.5 * rel(p, r) + 1e-3, (rel(f, r), rel(p, r))
+
+
+def test_bf16_ignored_targets():
+    g = torch.Generator().manual_seed(1)
+    h, W, y = torch.randn(2, 24, 32, generator=g), torch.randn(97, 32, generator=g) * 0.3, torch.randint(0, 97, (2, 24), generator=g)
+    y[0, :5] = y[1, -3:] = -100
+    plain, fused = head_case(h, W, y, False, "bf16"), head_case(h, W, y, True, "bf16", 7)
+    assert abs(fused[0] - plain[0]) < 1e-2 and fused[1][0, :5].abs().sum() == 0 and fused[1][1, -3:].abs().sum() == 0
+    assert rel(fused[1], plain[1]) < 2e-2 and rel(fused[2], plain[2]) < 2e-2
+
+
+def test_fp16_keeps_small_probabilities():
+    "fp16 (the CUDA precision where bf16 is missing) computes the probabilities in fp32: targets far below fp16's 6e-8 still count."
+    g = torch.Generator().manual_seed(0)
+    h, W, y = torch.randn(4, 16, 32, generator=g) * 1.5, torch.randn(300, 32, generator=g) * 1.5, torch.randint(0, 300, (4, 16), generator=g)
+    ref = lm_loss(h @ W.T, y)
+    assert ref > 30  # most targets have probabilities fp16 cannot hold
+    hf, Wf = h.half().requires_grad_(), W.half().requires_grad_()
+    loss = fused_lm_loss(hf, Wf, y); loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-3 * ref.item() and torch.isfinite(Wf.grad).all()
+
+
+def test_an_empty_batch_gives_nan_as_the_plain_path():
+    h, W, y = torch.randn(0, 8), torch.randn(11, 8), torch.zeros(0, dtype=torch.long)
+    assert math.isnan(fused_lm_loss(h, W, y).item()) and math.isnan(F.cross_entropy(h @ W.T, y).item())

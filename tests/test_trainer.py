@@ -1,6 +1,6 @@
 """Trainer behaviour the notebook does not pin down: bf16 autocast training on real text, gradient accumulation
 equivalence, the schedule's length, the non-finite-loss stop, and precision checks."""
-import json, math, string, subprocess, sys
+import json, math, platform, string, subprocess, sys
 
 import numpy as np
 import pytest
@@ -181,7 +181,7 @@ print(json.dumps((faults() - f0) / 5))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reuse_freed_memory acts on glibc's malloc only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="reuse_freed_memory acts on glibc's malloc only")
 def test_fit_keeps_freed_memory_for_reuse_only_when_asked():
     "After `fit` with trainer.reuse_memory (the default) a 64 MB tensor reuses freed pages; with it off, each one is faulted in afresh."
     faults = {on: json.loads(subprocess.run([sys.executable, "-c", FAULTS_AFTER_FIT, on], capture_output=True, text=True,
