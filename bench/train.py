@@ -19,7 +19,7 @@ peak RSS of every process (ru_maxrss from wait4) to its results. `--lp` passes e
 a step of the shape above.
 
 usage: python bench/train.py [--steps 6] [--rounds 2] [--batch 4] [--device auto] [--precisions fp32,bf16]
-           [--variants plain-loss,foreach-adamw] [--profile]
+           [--variants plain-loss,foreach-adamw] [--profile] [--shape issue|gpt2] [--peak-tflops 989]
        python bench/train.py --overhead
        NANOGPT_DIR=/work/nanoGPT python bench/train.py --nanogpt [--iters 12] [--rounds 2] [--lp "model.vocab_size=50304"]
 """
@@ -34,8 +34,9 @@ from llm_playground.trainer import Callback, Trainer, fused_lm_loss
 from llm_playground.transformer import Transformer
 
 
-def matmul_peak(device, dtype, n=1024, seconds=2.0) -> float:
-    "Measured FLOP/s of square matmuls of size n in `dtype` (the best of several timed bursts)."
+def matmul_peak(device, dtype, n=None, seconds=2.0) -> float:
+    "Measured FLOP/s of square matmuls of size n in `dtype` (the best of several timed bursts; n: 1024 on CPU, 8192 on a GPU)."
+    n = n or (8192 if device.type == "cuda" else 1024)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3): a @ b
@@ -58,6 +59,7 @@ class StepTimes(Callback):
 
 
 SHAPE = dict(vocab_size=50257, context_length=256, emb_dim=384, n_layers=6, n_heads=6)  # the issue's shape
+SHAPES = dict(issue=SHAPE, gpt2=dict(vocab_size=50304, context_length=1024, emb_dim=768, n_layers=12, n_heads=12))  # --shape (gpt2: 124M, a GPU's)
 TINY = dict(vocab_size=512, context_length=32, emb_dim=32, n_layers=1, n_heads=2)  # --overhead: almost no compute per step
 
 
@@ -190,7 +192,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6, help="timed steps per loop per round")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of bare loop / Trainer")
-    p.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
+    p.add_argument("--batch", type=int, default=4, help="sequences of a context each per step")
+    p.add_argument("--shape", default="issue", choices=list(SHAPES), help="issue: 6 x 384, context 256; gpt2: GPT-2 124M, context 1024")
+    p.add_argument("--peak-tflops", type=float, default=None, help="also report MFU against this dense peak (e.g. 989 for an H100/H200 SXM in bf16)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--variants", default="plain-loss,foreach-adamw", help=f"Trainer variants to time too: {', '.join(VARIANTS)} (empty: none)")
@@ -205,13 +209,15 @@ def main():
     if args.overhead: return overhead(args)
     device = get_device(args.device)
     seed_everything(0)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; model 6 layers x 384, context 256, "
-          f"batch {args.batch} ({args.batch * 256} tokens/step); {args.rounds} rounds x {args.steps} steps per loop")
+    shape = SHAPES[args.shape]
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; model {shape['n_layers']} layers x "
+          f"{shape['emb_dim']}, context {shape['context_length']}, batch {args.batch} ({args.batch * shape['context_length']} tokens/step); "
+          f"{args.rounds} rounds x {args.steps} steps per loop")
     rows = []
     for prec in args.precisions.split(","):
         peak = matmul_peak(device, torch.bfloat16 if prec == "bf16" else torch.float16 if prec == "fp16" else torch.float32)
-        bare, trainer, fpt, resolved, extra = bench(prec, args, device)
-        tok = args.batch * 256
+        bare, trainer, fpt, resolved, extra = bench(prec, args, device, shape=shape)
+        tok = args.batch * shape['context_length']
         for name, dt in (("bare loop", bare), ("Trainer", trainer), *extra.items()):
             tps = tok / dt
             rows.append((resolved, name, dt, tps, tps * fpt / peak, peak))
@@ -220,6 +226,9 @@ def main():
     print(f"\n{'precision':<10}{'loop':<15}{'s/step':>8}{'tokens/s':>10}{'MFU':>8}{'peak GFLOP/s':>14}")
     for prec, name, dt, tps, mfu, peak in rows:
         print(f"{prec:<10}{name:<15}{dt:>8.3f}{tps:>10.0f}{100 * mfu:>7.1f}%{peak / 1e9:>14.1f}")
+    if args.peak_tflops:
+        for prec, name, dt, tps, mfu, peak in rows:
+            print(f"{prec} {name}: MFU {100 * mfu * peak / (args.peak_tflops * 1e12):.1f}% of a {args.peak_tflops:g} TFLOP/s dense peak")
     by = {(r[0], r[1]): r[3] for r in rows}
     if ("fp32", "Trainer") in by and ("bf16", "Trainer") in by:
         print(f"\nbf16 autocast vs fp32 (Trainer): {by[('bf16', 'Trainer')] / by[('fp32', 'Trainer')]:.2f}x the tokens/s")
